@@ -1,0 +1,18 @@
+"""Alignment between two tokenizations: shared infrastructure, computed in the data pipeline.
+
+* :func:`align_spans`: char-offset spans (SRA spans / ALM chunks) and token pairs;
+* :func:`shared_vocab`: token strings present in both vocabularies, as index tensors.
+"""
+
+from ctkd_bench.alignment.spans import SpanAlignment, align_spans, cut_intervals
+from ctkd_bench.alignment.vocab import SharedVocab, build_shared_vocab, shared_vocab, token_surfaces
+
+__all__ = [
+    "SharedVocab",
+    "SpanAlignment",
+    "align_spans",
+    "build_shared_vocab",
+    "cut_intervals",
+    "shared_vocab",
+    "token_surfaces",
+]

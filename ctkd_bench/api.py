@@ -1,0 +1,263 @@
+"""The public method API: everything a CTKD method (in ``methods/`` or a third-party package) may use.
+
+A method is a :class:`Distiller` subclass registered by name::
+
+    @register_method("my-kd")
+    class MyKD(Distiller):
+        '''Paper, arXiv id, reference file, deviations.'''
+
+        @dataclass
+        class Config:
+            kd_rate: float = 0.5
+            temperature: float = 2.0
+
+        @classmethod
+        def needs(cls, config) -> Needs:
+            return Needs(teacher_hidden_states=True, alignment=frozenset({"token_pairs", "shared_vocab"}))
+
+        def loss_weights(self) -> dict[str, float]:
+            return {"ce": 1 - self.config.kd_rate, "kd": self.config.kd_rate}
+
+        def forward(self, batch, student, teacher) -> dict[str, torch.Tensor]:
+            return {"kd": ...}
+
+The runner computes only what :meth:`Distiller.needs` declares, adds the student's response
+cross-entropy as the term ``"ce"``, and optimizes ``sum(weight * term)`` over :meth:`loss_weights`;
+every term is logged. Third-party methods register through the entry-point group
+``ctkd_bench.methods`` (``name = "package.module:Class"``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ctkd_bench.alignment import SharedVocab
+from ctkd_bench.data.batch import IGNORE_INDEX, DistillBatch, SideBatch
+from ctkd_bench.errors import UserError
+from ctkd_bench.registry import Registry
+
+__all__ = [
+    "IGNORE_INDEX",
+    "DistillBatch",
+    "Distiller",
+    "MethodContext",
+    "ModelOutputs",
+    "Needs",
+    "SharedVocab",
+    "SideBatch",
+    "apply_overrides",
+    "config_dict",
+    "get_method",
+    "method_names",
+    "register_method",
+]
+
+ALIGNMENT_ARTIFACTS = frozenset({"spans", "token_pairs", "shared_vocab"})
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a method needs computed for it; the runner computes nothing else.
+
+    ``tokenizers``: ``"any"``; ``"cross"`` (a cross-tokenizer method: refuses a pair whose two
+    tokenizers are identical, since a same-vocabulary method is the right tool there); ``"same"``
+    (needs one shared tokenizer, e.g. plain KD over the full vocabulary).
+    """
+
+    teacher: bool = True
+    teacher_logits: bool = False  # full [B, L, V_T] teacher logits (expensive for a 262k vocabulary)
+    teacher_hidden_states: bool = False  # all layers, HF convention ([0] embeddings, [-1] after final norm)
+    teacher_attentions: bool = False  # needs eager attention
+    student_hidden_states: bool = False
+    student_attentions: bool = False
+    alignment: frozenset[str] = frozenset()
+    tokenizers: str = "any"
+
+    def __post_init__(self) -> None:
+        unknown = set(self.alignment) - ALIGNMENT_ARTIFACTS
+        if unknown:
+            raise ValueError(
+                f"unknown alignment artifacts {sorted(unknown)}; known: {sorted(ALIGNMENT_ARTIFACTS)}"
+            )
+        if self.tokenizers not in ("any", "cross", "same"):
+            raise ValueError(f"Needs.tokenizers must be 'any', 'cross' or 'same', not {self.tokenizers!r}")
+
+
+@dataclass
+class ModelOutputs:
+    """One model's forward pass as a method sees it.
+
+    ``logits`` float ``[B, L, V]`` with ``V = len(tokenizer)`` (embedding padding cut off), or ``None``
+    when not requested (teacher); ``hidden_states`` a tuple of ``[B, L, d]`` (HF convention: entry 0 is
+    the embedding output, entry -1 the last layer *after* the final norm, i.e. what the LM head reads);
+    ``attentions`` a tuple of ``[B, heads, L, L]`` per layer. ``head(hidden, rows)`` applies the model's
+    LM head to any hidden states, optionally only to some vocabulary rows (``rows`` long ``[R]``), which
+    is how methods avoid materializing a 262k-wide teacher distribution they do not need.
+    """
+
+    logits: torch.Tensor | None
+    hidden_states: tuple[torch.Tensor, ...] | None
+    attentions: tuple[torch.Tensor, ...] | None
+    head: Callable[..., torch.Tensor]
+    vocab_size: int
+
+
+@dataclass
+class MethodContext:
+    """What a method may know about the pair when it is built (e.g. hidden sizes for projectors)."""
+
+    student_config: Any
+    teacher_config: Any
+    student_tokenizer: Any
+    teacher_tokenizer: Any
+    shared_vocab: SharedVocab | None
+    same_tokenizer: bool
+
+
+class Distiller(nn.Module):
+    """Base class of every method. Subclasses define ``Config`` (a dataclass) and :meth:`forward`.
+
+    Class attributes: ``name`` (set by :func:`register_method`), ``summary`` (one line for
+    ``ctkd-bench list``), ``ablations`` (ablation name -> config overrides; ``ctkd-bench ablate`` runs
+    them all).
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    ablations: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    @dataclass
+    class Config:
+        pass
+
+    def __init__(self, config: Any, context: MethodContext) -> None:
+        super().__init__()
+        self.config = config
+        self.context = context
+        self.requirements = type(self).needs(config)
+
+    @classmethod
+    def needs(cls, config: Any) -> Needs:
+        """What the runner must compute for this method under ``config`` (known before any model loads)."""
+        return Needs()
+
+    def loss_weights(self) -> dict[str, float]:
+        """Weight of each loss term in the optimized sum; ``"ce"`` is the runner's cross-entropy."""
+        return {"ce": 1.0}
+
+    def optimizer_groups(self, student_lr: float) -> list[dict[str, Any]]:
+        """Parameter groups for the method's own trainable parameters (projectors), with their lr."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [{"params": params, "lr": student_lr}] if params else []
+
+    def forward(
+        self, batch: DistillBatch, student: ModelOutputs, teacher: ModelOutputs | None
+    ) -> dict[str, torch.Tensor]:
+        """Named scalar loss terms (other than ``"ce"``)."""
+        return {}
+
+
+# ------------------------------------------------------------------------------------- registry
+
+
+def _discover_builtin_methods() -> None:
+    """Import every module of ``ctkd_bench.methods`` so that their decorators register them."""
+    package = importlib.import_module("ctkd_bench.methods")
+    for info in pkgutil.iter_modules(package.__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{package.__name__}.{info.name}")
+
+
+METHODS: Registry[type[Distiller]] = Registry(
+    "method", entry_point_group="ctkd_bench.methods", discover=_discover_builtin_methods
+)
+
+
+def register_method(
+    name: str, *, aliases: tuple[str, ...] = ()
+) -> Callable[[type[Distiller]], type[Distiller]]:
+    def decorator(cls: type[Distiller]) -> type[Distiller]:
+        if not (isinstance(cls, type) and issubclass(cls, Distiller)):
+            raise TypeError(f"@register_method({name!r}) must decorate a Distiller subclass")
+        cls.name = name
+        METHODS.add(name, cls, aliases=aliases)
+        return cls
+
+    return decorator
+
+
+def get_method(name: str) -> type[Distiller]:
+    cls = METHODS.get(name)
+    if not cls.name:
+        cls.name = name  # entry-point classes that did not use the decorator
+    return cls
+
+
+def method_names() -> list[str]:
+    return METHODS.names()
+
+
+# ---------------------------------------------------------------------------------------- config
+
+
+def config_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else {}
+
+
+def _coerce(value: str, annotation: Any, where: str) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union or type(annotation).__name__ == "UnionType":
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value.lower() in ("none", "null"):
+            return None
+        return _coerce(value, options[0], where)
+    if annotation is bool:
+        lowered = value.lower()
+        if lowered in ("true", "1", "yes", "on"):
+            return True
+        if lowered in ("false", "0", "no", "off"):
+            return False
+        raise UserError(f"{where}: expected true/false, got {value!r}")
+    if annotation in (int, float):
+        try:
+            return annotation(value)
+        except ValueError:
+            raise UserError(
+                f"{where}: expected a{'n int' if annotation is int else ' number'}, got {value!r}"
+            ) from None
+    if origin in (tuple, list):
+        args = typing.get_args(annotation)
+        inner = args[0] if args else str
+        items = [v for v in value.split(",") if v.strip()]
+        return origin(_coerce(v.strip(), inner, where) for v in items)
+    if typing.get_origin(annotation) is typing.Literal:
+        allowed = typing.get_args(annotation)
+        if value not in allowed:
+            raise UserError(f"{where}: expected one of {', '.join(map(str, allowed))}, got {value!r}")
+        return value
+    return value
+
+
+def apply_overrides(config: Any, overrides: dict[str, Any], method: str) -> Any:
+    """A copy of ``config`` with ``overrides`` (strings are converted to each field's type)."""
+    if not overrides:
+        return config
+    hints = typing.get_type_hints(type(config))
+    known = {f.name for f in dataclasses.fields(config)}
+    changes: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if key not in known:
+            raise UserError(
+                f"method {method!r} has no setting {key!r}; its settings: {', '.join(sorted(known))}"
+            )
+        changes[key] = _coerce(value, hints[key], f"{method}.{key}") if isinstance(value, str) else value
+    return dataclasses.replace(config, **changes)

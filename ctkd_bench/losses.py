@@ -1,0 +1,78 @@
+"""Loss building blocks shared by methods (the runner's cross-entropy, restricted LM heads, KL).
+
+Shapes follow torchtune's ``kd_losses.py`` habit: every function documents its tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ctkd_bench.data.batch import IGNORE_INDEX
+
+
+def response_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over labelled positions.
+
+    Args:
+        logits: float ``[B, L, V]``; ``logits[:, t]`` predicts token ``t + 1``.
+        labels: long ``[B, L]``, unshifted, ``-100`` where there is no target.
+
+    Returns:
+        Scalar: the sum of token losses divided by the number of labelled tokens (DSKD's per-token mean).
+    """
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    shift_labels = labels[:, 1:].reshape(-1)
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)
+
+
+def lm_head_logits(
+    model, hidden: torch.Tensor, rows: torch.Tensor | None = None, vocab_size: int | None = None
+) -> torch.Tensor:
+    """Apply ``model``'s LM head to hidden states, optionally to some vocabulary rows only.
+
+    Args:
+        model: a Hugging Face causal LM (PEFT-wrapped or not).
+        hidden: float ``[..., d]`` hidden states after the model's final norm (``hidden_states[-1]``).
+        rows: long ``[R]`` vocabulary ids to compute, or ``None`` for ``[:vocab_size]``.
+        vocab_size: the effective vocabulary (``len(tokenizer)``) when ``rows`` is ``None``.
+
+    Returns:
+        float ``[..., R]`` (or ``[..., vocab_size]``), equal to the model's own logits at those entries,
+        final-logit soft-capping (Gemma-2 style) included.
+    """
+    head = model.get_output_embeddings()
+    weight, bias = head.weight, getattr(head, "bias", None)
+    if rows is not None:
+        weight = weight.index_select(0, rows)
+        bias = bias.index_select(0, rows) if bias is not None else None
+    elif vocab_size is not None:
+        weight = weight[:vocab_size]
+        bias = bias[:vocab_size] if bias is not None else None
+    logits = F.linear(hidden.to(weight.dtype), weight, bias)
+    config = getattr(model, "config", None)
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    scale = getattr(config, "logit_scale", None)
+    if isinstance(scale, (int, float)) and scale != 1:  # Cohere-style scaled heads
+        logits = logits * scale
+    return logits
+
+
+def forward_kl(
+    teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Per-row ``KL(softmax(z_T / τ) || softmax(z_S / τ))`` (no τ² factor, as in DSKD).
+
+    Args:
+        teacher_logits: float ``[N, V]`` (no gradient expected).
+        student_logits: float ``[N, V]``, the same V columns in the same order.
+        temperature: τ dividing both.
+
+    Returns:
+        float ``[N]``.
+    """
+    t_logp = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    s_logp = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    return F.kl_div(s_logp, t_logp, log_target=True, reduction="none").sum(-1)

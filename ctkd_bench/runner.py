@@ -1,0 +1,634 @@
+"""The runner: one teacher per pair, one student per method, same batches in the same order.
+
+For each pair the runner loads both tokenizers, builds the training stream once (a seeded shuffle of
+the training split, dual-tokenized and aligned once per example, shared by every method of the run),
+loads the teacher once (only if some method needs it), then trains one fresh student per method:
+AdamW (weight decay 0.01), cosine schedule with warmup, gradient accumulation, gradient clipping,
+bf16 autocast on CUDA, data parallel through ``accelerate launch``. Every loss term and the step time
+are logged; each finished (or failed) run leaves one record, written atomically.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ctkd_bench import zoo
+from ctkd_bench.alignment import SharedVocab, shared_vocab
+from ctkd_bench.api import (
+    Distiller,
+    MethodContext,
+    ModelOutputs,
+    Needs,
+    apply_overrides,
+    config_dict,
+    get_method,
+)
+from ctkd_bench.data.batch import DistillBatch, collate
+from ctkd_bench.data.encode import EncodedExample, PairEncoder
+from ctkd_bench.data.sources import load_examples
+from ctkd_bench.errors import UserError
+from ctkd_bench.losses import lm_head_logits, response_cross_entropy
+from ctkd_bench.records import (
+    SCHEMA_VERSION,
+    config_hash,
+    git_commit,
+    is_finished,
+    now,
+    record_name,
+    versions,
+    write_atomic,
+)
+
+
+@dataclass
+class TrainConfig:
+    """Optimization settings shared by every method of a run (defaults: the DSKD Dolly protocol)."""
+
+    steps: int = 100
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 5e-4  # DSKD: 5e-4 for full fine-tuning of GPT-2 students, 1e-3 for LoRA students
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.0  # DSKD uses no warmup
+    max_grad_norm: float = 1.0
+    max_length: int = 512
+    max_prompt_tokens: int = 256
+    seed: int = 10  # DSKD's training seed
+    lora: int = 0  # LoRA rank (0: full fine-tuning)
+    lora_alpha: float = 8.0  # DSKD/DWA-KD LoRA: r 256, alpha 8, dropout 0.1
+    lora_dropout: float = 0.1
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "max_length", "max_prompt_tokens"):
+            value = getattr(self, name)
+            if value <= 0:
+                flag = "--" + name.replace("_", "-")
+                raise UserError(f"{flag} must be a positive integer, got {value}")
+        if self.lr <= 0:
+            raise UserError(f"--lr must be positive, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise UserError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.lora < 0:
+            raise UserError(f"--lora must be a rank >= 1 (or 0 for full fine-tuning), got {self.lora}")
+
+
+@dataclass(frozen=True)
+class MethodRun:
+    """One method to run: its registered name, an optional ablation name and config overrides."""
+
+    method: str
+    ablation: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return self.method + (f"@{self.ablation}" if self.ablation else "")
+
+
+@dataclass
+class RunRequest:
+    methods: list[MethodRun]
+    pairs: list[tuple[zoo.ModelSpec | None, zoo.ModelSpec]]  # teacher None: no teacher (finetune)
+    data: str = "sharegpt"
+    data_dir: str | None = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+    results_dir: Path = Path("results")
+    device: str = "auto"
+    save_model: Path | None = None
+    force: bool = False
+    progress: bool = True
+    keep_students: bool = False  # return the trained student models in the outcomes (finetune)
+
+
+@dataclass
+class RunOutcome:
+    label: str
+    path: Path
+    status: str  # "finished" | "failed" | "skipped"
+    record: dict[str, Any] | None = None
+    student: Any = None  # the trained model, when RunRequest.keep_students
+
+
+# ------------------------------------------------------------------------------------ devices
+
+
+def resolve_device(device: str) -> str:
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda, not {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible to torch; use --device cpu or auto")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def make_accelerator(device: str, grad_accum: int):
+    from accelerate import Accelerator
+
+    use_cuda = device == "cuda"
+    bf16 = use_cuda and torch.cuda.is_bf16_supported()
+    return Accelerator(
+        cpu=not use_cuda, mixed_precision="bf16" if bf16 else "no", gradient_accumulation_steps=grad_accum
+    )
+
+
+class PeakMemory:
+    """Peak memory while a block runs: CUDA allocator peak, or on CPU the process RSS sampled every 20 ms."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def kind(self) -> str:
+        return "cuda_max_allocated" if self.device == "cuda" else "process_rss"
+
+    def _sample(self) -> None:
+        import psutil
+
+        proc = psutil.Process()
+        while not self._stop.is_set():
+            self.peak_bytes = max(self.peak_bytes, proc.memory_info().rss)
+            self._stop.wait(0.02)
+
+    def __enter__(self) -> PeakMemory:
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device == "cuda":
+            self.peak_bytes = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            if self._thread is not None:
+                self._thread.join()
+
+
+# ------------------------------------------------------------------------------ forward passes
+
+
+def _outputs(model, out, vocab: int, with_logits: bool) -> ModelOutputs:
+    return ModelOutputs(
+        logits=out.logits[..., :vocab] if with_logits else None,
+        hidden_states=out.hidden_states,
+        attentions=out.attentions,
+        head=partial(lm_head_logits, model, vocab_size=vocab),
+        vocab_size=vocab,
+    )
+
+
+def _check_attentions(out, who: str) -> None:
+    if out.attentions is None or any(a is None for a in out.attentions):
+        raise RuntimeError(
+            f"the {who} returned no attention weights although the method needs them; "
+            "it must run with attn_implementation='eager'"
+        )
+
+
+def teacher_forward(teacher, batch: DistillBatch, needs: Needs, vocab: int) -> ModelOutputs:
+    """The teacher's outputs that ``needs`` asks for, without gradients, on its own tokenization."""
+    with torch.no_grad():
+        out = teacher(
+            input_ids=batch.teacher.input_ids,
+            attention_mask=batch.teacher.attention_mask,
+            output_hidden_states=needs.teacher_hidden_states,
+            output_attentions=needs.teacher_attentions,
+            # 0 keeps every position; 1 computes the 262k-wide head for the last position only when the
+            # method reads hidden states and applies the head itself to the rows it needs.
+            logits_to_keep=0 if needs.teacher_logits else 1,
+            use_cache=False,
+        )
+    if needs.teacher_attentions:
+        _check_attentions(out, "teacher")
+    return _outputs(teacher, out, vocab, with_logits=needs.teacher_logits)
+
+
+class Trainee(nn.Module):
+    """Student + method in one module, so that ``accelerate`` wraps (and syncs) both together."""
+
+    def __init__(self, student: nn.Module, method: Distiller, vocab: int) -> None:
+        super().__init__()
+        self.student = student
+        self.method = method
+        self.vocab = vocab
+
+    def forward(
+        self, batch: DistillBatch, teacher: ModelOutputs | None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        needs = self.method.requirements
+        out = self.student(
+            input_ids=batch.student.input_ids,
+            attention_mask=batch.student.attention_mask,
+            output_hidden_states=needs.student_hidden_states,
+            output_attentions=needs.student_attentions,
+            use_cache=False,
+        )
+        if needs.student_attentions:
+            _check_attentions(out, "student")
+        student = _outputs(self.student, out, self.vocab, with_logits=True)
+        terms = {"ce": response_cross_entropy(student.logits, batch.student.labels)}
+        terms.update(self.method(batch, student, teacher))
+        weights = self.method.loss_weights()
+        missing = set(weights) - set(terms)
+        if missing:
+            raise RuntimeError(
+                f"method {self.method.name!r} weights terms it did not return: {sorted(missing)}"
+            )
+        loss = sum(weights[name] * terms[name] for name in weights)
+        return loss, terms
+
+
+# ------------------------------------------------------------------------------------- data
+
+
+def training_stream(examples: list, encoder: PairEncoder, count: int, seed: int) -> list[EncodedExample]:
+    """``count`` encoded examples in a seeded shuffled order, epoch after epoch; skips are counted."""
+    rng = random.Random(seed)
+    cache: dict[int, EncodedExample | None] = {}
+    stream: list[EncodedExample] = []
+    while len(stream) < count:
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        before = len(stream)
+        for index in order:
+            if index not in cache:  # each example is tokenized and aligned once
+                cache[index] = encoder.encode(examples[index])
+            if cache[index] is not None:
+                stream.append(cache[index])
+                if len(stream) == count:
+                    break
+        if len(stream) == before:
+            raise UserError(
+                f"no usable training example: all {len(examples)} were skipped "
+                f"({dict(encoder.stats.skipped)}); raise --max-length or use other data"
+            )
+    return stream
+
+
+# ------------------------------------------------------------------------------------- training
+
+
+def _identity(
+    run: MethodRun,
+    method_config: Any,
+    teacher: zoo.ModelSpec | None,
+    student: zoo.ModelSpec,
+    request: RunRequest,
+) -> dict[str, Any]:
+    return {
+        "schema": SCHEMA_VERSION,
+        "method": run.method,
+        "ablation": run.ablation,
+        "method_config": config_dict(method_config),
+        "teacher": teacher.source if teacher else None,
+        "student": student.source,
+        "data": request.data,
+        "data_source": "local" if request.data_dir else "default",
+        "train": asdict(request.train),
+    }
+
+
+def _apply_lora(student, train: TrainConfig):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=train.lora,
+        lora_alpha=train.lora_alpha,
+        lora_dropout=train.lora_dropout,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(student, config)
+
+
+def save_student(model, tokenizer, folder: Path) -> None:
+    """A plain Hugging Face folder (LoRA merged) that any ``--pair`` or ``eval`` accepts."""
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def train_one(
+    *,
+    accelerator,
+    run: MethodRun,
+    method_cls: type[Distiller],
+    method_config: Any,
+    teacher,
+    teacher_spec: zoo.ModelSpec | None,
+    student_spec: zoo.ModelSpec,
+    tokenizers: tuple[Any, Any],
+    vocab: SharedVocab | None,
+    same: bool,
+    stream: list[EncodedExample],
+    request: RunRequest,
+) -> dict[str, Any]:
+    """Train one student with one method; returns the record body (losses, cost)."""
+    train = request.train
+    student_tok, teacher_tok = tokenizers
+    torch.manual_seed(train.seed)
+    student = zoo.load_model(student_spec, seed=train.seed)
+    context = MethodContext(
+        student_config=student.config,
+        teacher_config=teacher.config if teacher is not None else None,
+        student_tokenizer=student_tok,
+        teacher_tokenizer=teacher_tok,
+        shared_vocab=vocab,
+        same_tokenizer=same,
+    )
+    method = method_cls(method_config, context)
+    needs = method.requirements
+    if needs.student_attentions:
+        student.set_attn_implementation("eager")
+    if train.lora:
+        student = _apply_lora(student, train)
+    student.train()
+    trainee = Trainee(student, method, zoo.vocab_size(student_tok))
+
+    student_params = [p for p in student.parameters() if p.requires_grad]
+    groups = [{"params": student_params, "lr": train.lr}] + method.optimizer_groups(train.lr)
+    optimizer = torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay)
+    from transformers import get_cosine_schedule_with_warmup
+
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer, math.ceil(train.warmup_ratio * train.steps), train.steps
+    )
+    loader = torch.utils.data.DataLoader(
+        stream,
+        batch_size=train.batch_size,
+        shuffle=False,
+        collate_fn=partial(
+            collate,
+            student_pad_id=student_tok.pad_token_id,
+            teacher_pad_id=teacher_tok.pad_token_id if teacher_tok is not None else 0,
+        ),
+    )
+    trainee, optimizer, loader = accelerator.prepare(trainee, optimizer, loader)
+    teacher_vocab = zoo.vocab_size(teacher_tok) if teacher_tok is not None else 0
+
+    curve: list[dict[str, float]] = []
+    step_seconds: list[float] = []
+    teacher_seconds: list[float] = []
+    batches: Iterator[DistillBatch] = iter(loader)
+    bar = _progress(request, train.steps, f"{run.label} {student_spec.short}")
+    device = accelerator.device
+    with PeakMemory(device.type) as memory:
+        for step in range(1, train.steps + 1):
+            started = time.perf_counter()
+            sums: dict[str, float] = {}
+            t_time = 0.0
+            for _ in range(train.grad_accum):
+                batch = next(batches).to(device)
+                t0 = time.perf_counter()
+                t_out = None
+                if needs.teacher:
+                    with accelerator.autocast():
+                        t_out = teacher_forward(teacher, batch, needs, teacher_vocab)
+                t_time += time.perf_counter() - t0
+                with accelerator.accumulate(trainee):
+                    loss, terms = trainee(batch, t_out)
+                    if not torch.isfinite(loss):
+                        bad = {k: float(v) for k, v in terms.items()}
+                        raise NonFiniteLoss(f"non-finite loss at step {step}: {bad}")
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(trainee.parameters(), train.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                for name, value in [("loss", loss), *terms.items()]:
+                    sums[name] = sums.get(name, 0.0) + float(value.detach()) / train.grad_accum
+            scheduler.step()
+            elapsed = time.perf_counter() - started
+            step_seconds.append(elapsed)
+            teacher_seconds.append(t_time)
+            curve.append(
+                {
+                    "step": step,
+                    **{k: round(v, 6) for k, v in sums.items()},
+                    "lr": scheduler.get_last_lr()[0],
+                    "seconds": round(elapsed, 4),
+                }
+            )
+            if bar is not None:
+                bar.set_postfix({k: f"{v:.3f}" for k, v in sums.items()}, refresh=False)
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+
+    timed = step_seconds[1:] if len(step_seconds) > 1 else step_seconds  # the first step warms up
+    t_timed = teacher_seconds[1:] if len(teacher_seconds) > 1 else teacher_seconds
+    final = {k: v for k, v in curve[-1].items() if k not in ("step", "lr", "seconds")}
+    body: dict[str, Any] = {
+        "losses": {
+            "final": final,
+            "curve": curve,
+            "terms": sorted(k for k in final if k != "loss"),
+            "weights": method.loss_weights(),
+        },
+        "cost": {
+            "seconds_per_step": sum(timed) / len(timed),
+            "teacher_seconds_per_step": sum(t_timed) / len(t_timed),
+            "first_step_seconds": step_seconds[0],
+            "total_seconds": sum(step_seconds),
+            "peak_memory_mb": memory.peak_bytes / 2**20,
+            "peak_memory_kind": memory.kind,
+            "device": str(device),
+            "mixed_precision": accelerator.mixed_precision,
+            "num_processes": accelerator.num_processes,
+        },
+        "trainable_parameters": {
+            "student": sum(p.numel() for p in student_params),
+            "method": sum(p.numel() for g in method.optimizer_groups(train.lr) for p in g["params"]),
+        },
+    }
+    unwrapped = accelerator.unwrap_model(trainee)
+    body["_student"] = unwrapped.student
+    return body
+
+
+def _progress(request: RunRequest, total: int, desc: str):
+    if not request.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
+
+
+# ----------------------------------------------------------------------------------------- run
+
+
+def _check_tokenizers(method: str, needs: Needs, same: bool, teacher: str, student: str) -> None:
+    if needs.tokenizers == "cross" and same:
+        raise UserError(
+            f"{method} is a cross-tokenizer method but {teacher} and {student} share one tokenizer; "
+            "use a same-vocabulary method (kd) for this pair, or a pair with different tokenizers"
+        )
+    if needs.tokenizers == "same" and not same:
+        raise UserError(
+            f"{method} needs one tokenizer on both sides but {teacher} and {student} tokenize differently; "
+            "use a cross-tokenizer method (token-kld, ...) for this pair"
+        )
+
+
+def run(request: RunRequest, log=print) -> list[RunOutcome]:
+    """Run every method on every pair; returns one outcome per (pair, method)."""
+    request.train.validate()
+    device = resolve_device(request.device)
+    resolved = []
+    for run_ in request.methods:  # unknown names and bad settings fail before anything loads
+        cls = get_method(run_.method)
+        resolved.append((run_, cls, apply_overrides(cls.Config(), run_.overrides, run_.method)))
+    accelerator = make_accelerator(device, request.train.grad_accum)
+    outcomes: list[RunOutcome] = []
+    for teacher_spec, student_spec in request.pairs:
+        outcomes.extend(_run_pair(request, accelerator, teacher_spec, student_spec, resolved, log))
+    return outcomes
+
+
+def _run_pair(
+    request: RunRequest, accelerator, teacher_spec, student_spec, resolved, log
+) -> list[RunOutcome]:
+    train = request.train
+    student_tok = zoo.load_tokenizer(student_spec)
+    teacher_tok = zoo.load_tokenizer(teacher_spec) if teacher_spec is not None else None
+    same = teacher_tok is not None and zoo.same_tokenizer(student_tok, teacher_tok)
+    teacher_name = teacher_spec.short if teacher_spec else "none"
+    pending, outcomes = [], []
+    for run_, cls, cfg in resolved:
+        needs = cls.needs(cfg)
+        if needs.teacher and teacher_tok is None:
+            raise UserError(f"{run_.method} needs a teacher; give a pair TEACHER:STUDENT")
+        if needs.teacher:
+            _check_tokenizers(run_.method, needs, same, teacher_name, student_spec.short)
+        identity = _identity(run_, cfg, teacher_spec if needs.teacher else None, student_spec, request)
+        digest = config_hash(identity)
+        path = Path(request.results_dir) / record_name(
+            run_.method, run_.ablation, teacher_name, student_spec.short, request.data, train.seed, digest
+        )
+        if is_finished(path) and not request.force:
+            log(
+                f"skip {run_.label} {teacher_name}:{student_spec.short}: finished record {path} (--force to redo)"
+            )
+            outcomes.append(RunOutcome(run_.label, path, "skipped"))
+            continue
+        pending.append((run_, cls, cfg, needs, identity, digest, path))
+    if not pending:
+        return outcomes
+
+    vocab = None
+    if teacher_tok is not None and any("shared_vocab" in p[3].alignment for p in pending):
+        vocab = shared_vocab(student_tok, teacher_tok)
+    examples = load_examples(request.data, "train", request.data_dir)
+    encoder = PairEncoder(
+        student_tok,
+        teacher_tok if teacher_tok is not None else student_tok,
+        max_prompt_tokens=train.max_prompt_tokens,
+        max_length=train.max_length,
+    )
+    count = train.steps * train.grad_accum * train.batch_size * accelerator.num_processes
+    stream = training_stream(examples, encoder, count, train.seed)
+
+    teacher = None
+    if any(p[3].teacher for p in pending):
+        teacher = zoo.load_model(teacher_spec, seed=train.seed)
+        if any(p[3].teacher_attentions for p in pending):
+            teacher.set_attn_implementation("eager")
+        teacher.requires_grad_(False)
+        teacher.eval()
+        teacher.to(accelerator.device)
+
+    for run_, cls, cfg, _needs, identity, digest, path in pending:
+        started = now()
+        record: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
+            "status": "running",
+            "method": run_.method,
+            "ablation": run_.ablation,
+            "label": run_.label,
+            "config_hash": digest,
+            "identity": identity,
+            "method_config": config_dict(cfg),
+            "pair": {
+                "teacher": zoo.model_info(teacher_spec) if teacher_spec else None,
+                "student": zoo.model_info(student_spec),
+                "same_tokenizer": same,
+            },
+            "data": {
+                "name": request.data,
+                "data_dir": request.data_dir,
+                "split": "train",
+                "examples_available": len(examples),
+                "examples_used": len(stream),
+                "encoding": encoder.stats.as_dict(),
+                "shared_vocab_size": len(vocab) if vocab else None,
+            },
+            "train": asdict(train),
+            "seed": train.seed,
+            "versions": versions(),
+            "git_commit": git_commit(),
+            "started_at": started,
+        }
+        try:
+            body = train_one(
+                accelerator=accelerator,
+                run=run_,
+                method_cls=cls,
+                method_config=cfg,
+                teacher=teacher,
+                teacher_spec=teacher_spec,
+                student_spec=student_spec,
+                tokenizers=(student_tok, teacher_tok),
+                vocab=vocab,
+                same=same,
+                stream=stream,
+                request=request,
+            )
+        except NonFiniteLoss as err:
+            record.update(status="failed", failure=str(err), finished_at=now())
+            write_atomic(path, record)
+            log(f"FAILED {run_.label}: {err}; record {path}")
+            outcomes.append(RunOutcome(run_.label, path, "failed", record))
+            continue
+        trained = body.pop("_student")
+        if request.save_model is not None:
+            folder = Path(request.save_model) / path.stem
+            save_student(trained, student_tok, folder)
+            record["model_dir"] = str(folder)
+        record.update(body, status="finished", finished_at=now())
+        write_atomic(path, record)
+        final = record["losses"]["final"]
+        log(
+            f"done {run_.label} {teacher_name}:{student_spec.short}: "
+            + " ".join(f"{k}={v:.4f}" for k, v in final.items())
+            + f" | {record['cost']['seconds_per_step']:.2f} s/step -> {path}"
+        )
+        outcomes.append(
+            RunOutcome(
+                run_.label, path, "finished", record, student=trained if request.keep_students else None
+            )
+        )
+        del trained
+    return outcomes
