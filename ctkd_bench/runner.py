@@ -497,6 +497,10 @@ def run(request: RunRequest, log=print) -> list[RunOutcome]:
     """Run every method on every pair; returns one outcome per (pair, method)."""
     request.train.validate()
     device = resolve_device(request.device)
+    if not request.progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     resolved = []
     for run_ in request.methods:  # unknown names and bad settings fail before anything loads
         cls = get_method(run_.method)

@@ -19,6 +19,7 @@ tokenizer length everywhere (see :func:`vocab_size`), so padding never makes two
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import json
@@ -279,8 +280,12 @@ def _package_weights_dir(alias: str) -> Path:
 # --------------------------------------------------------------------------------------- loading
 
 
+@functools.lru_cache(maxsize=8)
 def load_tokenizer(spec: ModelSpec):
-    """The tokenizer of ``spec`` (fast, with offsets); a pad token is set (EOS) when the model has none."""
+    """The tokenizer of ``spec`` (fast, with offsets); a pad token is set (EOS) when the model has none.
+
+    Cached per process: the runner, the tiny-model builder and evaluation share one instance.
+    """
     from transformers import AutoTokenizer
 
     if spec.kind in ("package", "tiny"):

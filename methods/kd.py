@@ -41,5 +41,5 @@ class VanillaKD(Distiller):
     ) -> dict[str, torch.Tensor]:
         targets = batch.student.labels[:, 1:] != -100  # [B, L-1]: positions t whose logits predict t+1
         s_logits = student.logits[:, :-1][targets]
-        t_logits = teacher.logits[:, :-1][targets]
+        t_logits = teacher.logits[:, :-1][targets].detach()
         return {"kd": forward_kl(t_logits, s_logits, self.config.temperature).mean()}

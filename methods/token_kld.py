@@ -70,5 +70,5 @@ class TokenKLD(Distiller):
         t_pos = batch.token_pairs[rows, pairs, 1] - 1
         s_logits = student.logits[rows, s_pos].index_select(-1, self.student_rows)  # [N, V∩]
         t_hidden = teacher.hidden_states[-1][rows, t_pos]  # [N, d_T]
-        t_logits = teacher.head(t_hidden, self.teacher_rows)  # [N, V∩]
+        t_logits = teacher.head(t_hidden, self.teacher_rows).detach()  # [N, V∩], no gradient to the teacher
         return {"kd": forward_kl(t_logits, s_logits, self.config.temperature).mean()}
