@@ -286,6 +286,7 @@ def training_stream(examples: list, encoder: PairEncoder, count: int, seed: int)
 
 
 def _identity(
+    num_processes: int,
     run: MethodRun,
     method_config: Any,
     teacher: zoo.ModelSpec | None,
@@ -302,6 +303,7 @@ def _identity(
         "data": request.data,
         "data_source": "local" if request.data_dir else "default",
         "train": asdict(request.train),
+        "num_processes": num_processes,  # data-parallel processes: the global batch is batch_size x this
     }
 
 
@@ -393,7 +395,11 @@ def train_one(
     step_seconds: list[float] = []
     teacher_seconds: list[float] = []
     batches: Iterator[DistillBatch] = iter(loader)
-    bar = _progress(request, train.steps, f"{run.label} {student_spec.short}")
+    bar = (
+        _progress(request, train.steps, f"{run.label} {student_spec.short}")
+        if accelerator.is_main_process
+        else None
+    )
     device = accelerator.device
     with PeakMemory(device.type) as memory:
         for step in range(1, train.steps + 1):
@@ -421,6 +427,9 @@ def train_one(
                 for name, value in [("loss", loss), *terms.items()]:
                     sums[name] = sums.get(name, 0.0) + float(value.detach()) / train.grad_accum
             scheduler.step()
+            if accelerator.num_processes > 1:  # log the mean over data-parallel processes
+                means = accelerator.reduce(torch.tensor(list(sums.values()), device=device), reduction="mean")
+                sums = dict(zip(sums, means.tolist()))
             elapsed = time.perf_counter() - started
             step_seconds.append(elapsed)
             teacher_seconds.append(t_time)
@@ -506,6 +515,11 @@ def run(request: RunRequest, log=print) -> list[RunOutcome]:
         cls = get_method(run_.method)
         resolved.append((run_, cls, apply_overrides(cls.Config(), run_.overrides, run_.method)))
     accelerator = make_accelerator(device, request.train.grad_accum)
+    if not accelerator.is_main_process:  # data-parallel workers train; only the main process reports
+
+        def log(*_args, **_kwargs) -> None:
+            return None
+
     outcomes: list[RunOutcome] = []
     for teacher_spec, student_spec in request.pairs:
         outcomes.extend(_run_pair(request, accelerator, teacher_spec, student_spec, resolved, log))
@@ -527,7 +541,14 @@ def _run_pair(
             raise UserError(f"{run_.method} needs a teacher; give a pair TEACHER:STUDENT")
         if needs.teacher:
             _check_tokenizers(run_.method, needs, same, teacher_name, student_spec.short)
-        identity = _identity(run_, cfg, teacher_spec if needs.teacher else None, student_spec, request)
+        identity = _identity(
+            accelerator.num_processes,
+            run_,
+            cfg,
+            teacher_spec if needs.teacher else None,
+            student_spec,
+            request,
+        )
         digest = config_hash(identity)
         path = Path(request.results_dir) / record_name(
             run_.method, run_.ablation, teacher_name, student_spec.short, request.data, train.seed, digest
@@ -612,17 +633,21 @@ def _run_pair(
             )
         except NonFiniteLoss as err:
             record.update(status="failed", failure=str(err), finished_at=now())
-            write_atomic(path, record)
+            if accelerator.is_main_process:
+                write_atomic(path, record)
             log(f"FAILED {run_.label}: {err}; record {path}")
             outcomes.append(RunOutcome(run_.label, path, "failed", record))
             continue
         trained = body.pop("_student")
+        accelerator.wait_for_everyone()
         if request.save_model is not None:
             folder = Path(request.save_model) / path.stem
-            save_student(trained, student_tok, folder)
+            if accelerator.is_main_process:
+                save_student(trained, student_tok, folder)
             record["model_dir"] = str(folder)
         record.update(body, status="finished", finished_at=now())
-        write_atomic(path, record)
+        if accelerator.is_main_process:
+            write_atomic(path, record)
         final = record["losses"]["final"]
         log(
             f"done {run_.label} {teacher_name}:{student_spec.short}: "

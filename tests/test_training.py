@@ -1,0 +1,105 @@
+"""Training paths with tiny models: LoRA, --save-model, the teacher untouched, data parallel (torchrun)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from ctkd_bench import zoo
+from ctkd_bench.runner import MethodRun, RunRequest, TrainConfig, run
+
+PAIR = (zoo.resolve("tiny-gemma3"), zoo.resolve("tiny-smollm2"))
+
+
+def _request(tmp_path: Path, shared_data: Path, **kw) -> RunRequest:
+    train = kw.pop("train", TrainConfig(steps=2, batch_size=2, max_length=96))
+    return RunRequest(
+        methods=kw.pop("methods", [MethodRun("token-kld")]),
+        pairs=[PAIR],
+        data="dolly",
+        data_dir=str(shared_data),
+        train=train,
+        results_dir=tmp_path / "r",
+        progress=False,
+        **kw,
+    )
+
+
+def test_lora_student_saved_merged_and_reloadable(tmp_path, shared_data):
+    train = TrainConfig(steps=2, batch_size=2, max_length=96, lora=4, lr=1e-3)
+    [outcome] = run(_request(tmp_path, shared_data, train=train, save_model=tmp_path / "models"))
+    record = outcome.record
+    base = sum(p.numel() for p in zoo.load_model(PAIR[1]).parameters())
+    assert 0 < record["trainable_parameters"]["student"] < base / 10  # adapters only
+    folder = Path(record["model_dir"])
+    reloaded = zoo.load_model(zoo.resolve(str(folder)))
+    assert not any("lora" in name for name, _ in reloaded.named_parameters())  # merged into plain weights
+    assert zoo.same_tokenizer(zoo.load_tokenizer(zoo.resolve(str(folder))), zoo.load_tokenizer(PAIR[1]))
+
+
+def test_same_seed_same_batches_same_losses(tmp_path, shared_data):
+    methods = [MethodRun("sft")]
+    a = run(_request(tmp_path / "a", shared_data, methods=methods))[0].record
+    b = run(_request(tmp_path / "b", shared_data, methods=methods))[0].record
+    assert a["losses"]["curve"][1]["ce"] == b["losses"]["curve"][1]["ce"]
+
+
+def test_the_teacher_gets_no_gradient_and_no_update(tmp_path, shared_data, monkeypatch):
+    import ctkd_bench.runner as runner
+
+    seen = {}
+    original = runner.teacher_forward
+
+    def spy(teacher, *args, **kwargs):
+        seen.setdefault("before", {k: v.clone() for k, v in teacher.state_dict().items()})
+        seen["teacher"] = teacher
+        return original(teacher, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "teacher_forward", spy)
+    run(_request(tmp_path, shared_data))
+    teacher = seen["teacher"]
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    assert all(torch.equal(v, seen["before"][k]) for k, v in teacher.state_dict().items())
+
+
+def test_data_parallel_with_two_processes(tmp_path, shared_data):
+    """`torchrun` (as `accelerate launch` on GPUs) splits each step's batches across processes."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "ctkd_bench",
+        "run",
+        "--methods",
+        "token-kld",
+        "--pair",
+        "tiny-gemma3:tiny-smollm2",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--max-length",
+        "96",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--data",
+        "dolly",
+        "--data-dir",
+        str(shared_data),
+        "--results-dir",
+        str(tmp_path),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    [path] = list(tmp_path.glob("*.json"))  # written once, by the main process
+    record = json.loads(path.read_text())
+    assert record["cost"]["num_processes"] == 2 and record["identity"]["num_processes"] == 2
+    assert record["data"]["examples_used"] == 2 * 2 * 2
