@@ -10,6 +10,7 @@ are logged; each finished (or failed) run leaves one record, written atomically.
 
 from __future__ import annotations
 
+import inspect
 import math
 import random
 import threading
@@ -204,16 +205,19 @@ def _check_attentions(out, who: str) -> None:
 
 def teacher_forward(teacher, batch: DistillBatch, needs: Needs, vocab: int) -> ModelOutputs:
     """The teacher's outputs that ``needs`` asks for, without gradients, on its own tokenization."""
+    kwargs: dict[str, Any] = {}
+    if "logits_to_keep" in inspect.signature(teacher.forward).parameters:
+        # 0 keeps every position; 1 computes the (262k-wide) head for the last position only, when the
+        # method reads hidden states and applies the head itself to the rows it needs.
+        kwargs["logits_to_keep"] = 0 if needs.teacher_logits else 1
     with torch.no_grad():
         out = teacher(
             input_ids=batch.teacher.input_ids,
             attention_mask=batch.teacher.attention_mask,
             output_hidden_states=needs.teacher_hidden_states,
             output_attentions=needs.teacher_attentions,
-            # 0 keeps every position; 1 computes the 262k-wide head for the last position only when the
-            # method reads hidden states and applies the head itself to the rows it needs.
-            logits_to_keep=0 if needs.teacher_logits else 1,
             use_cache=False,
+            **kwargs,
         )
     if needs.teacher_attentions:
         _check_attentions(out, "teacher")
@@ -258,11 +262,16 @@ class Trainee(nn.Module):
 # ------------------------------------------------------------------------------------- data
 
 
-def training_stream(examples: list, encoder: PairEncoder, count: int, seed: int) -> list[EncodedExample]:
+def training_stream(
+    examples: list, encoder: PairEncoder, count: int, seed: int, progress: bool = False
+) -> list[EncodedExample]:
     """``count`` encoded examples in a seeded shuffled order, epoch after epoch; skips are counted."""
+    from tqdm.auto import tqdm
+
     rng = random.Random(seed)
     cache: dict[int, EncodedExample | None] = {}
     stream: list[EncodedExample] = []
+    bar = tqdm(total=count, desc="tokenizing + aligning", unit="ex", disable=not progress, leave=False)
     while len(stream) < count:
         order = list(range(len(examples)))
         rng.shuffle(order)
@@ -272,13 +281,16 @@ def training_stream(examples: list, encoder: PairEncoder, count: int, seed: int)
                 cache[index] = encoder.encode(examples[index])
             if cache[index] is not None:
                 stream.append(cache[index])
+                bar.update(1)
                 if len(stream) == count:
                     break
         if len(stream) == before:
+            bar.close()
             raise UserError(
                 f"no usable training example: all {len(examples)} were skipped "
                 f"({dict(encoder.stats.skipped)}); raise --max-length or use other data"
             )
+    bar.close()
     return stream
 
 
@@ -465,6 +477,9 @@ def train_one(
             "peak_memory_mb": memory.peak_bytes / 2**20,
             "peak_memory_kind": memory.kind,
             "device": str(device),
+            "teacher_dtype": str(next(teacher.parameters()).dtype).replace("torch.", "")
+            if needs.teacher
+            else None,
             "mixed_precision": accelerator.mixed_precision,
             "num_processes": accelerator.num_processes,
         },
@@ -574,11 +589,15 @@ def _run_pair(
         max_length=train.max_length,
     )
     count = train.steps * train.grad_accum * train.batch_size * accelerator.num_processes
-    stream = training_stream(examples, encoder, count, train.seed)
+    stream = training_stream(
+        examples, encoder, count, train.seed, progress=request.progress and accelerator.is_main_process
+    )
 
     teacher = None
     if any(p[3].teacher for p in pending):
-        teacher = zoo.load_model(teacher_spec, seed=train.seed)
+        # a frozen teacher needs no fp32 master weights: bf16 on GPUs halves its memory
+        teacher_dtype = "bfloat16" if accelerator.mixed_precision == "bf16" else "float32"
+        teacher = zoo.load_model(teacher_spec, seed=train.seed, dtype=teacher_dtype)
         if any(p[3].teacher_attentions for p in pending):
             teacher.set_attn_implementation("eager")
         teacher.requires_grad_(False)

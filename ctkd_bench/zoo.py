@@ -324,19 +324,23 @@ def build_tiny(alias: str, seed: int = 0):
         return AutoModelForCausalLM.from_config(config)
 
 
-def load_model(spec: ModelSpec, *, attn_implementation: str | None = None, seed: int = 0):
-    """Load the causal LM of ``spec`` in fp32 on CPU (the runner moves it and autocasts).
+def load_model(
+    spec: ModelSpec, *, attn_implementation: str | None = None, seed: int = 0, dtype: str = "float32"
+):
+    """Load the causal LM of ``spec`` on CPU (the runner moves it to its device and autocasts).
 
-    ``attn_implementation="eager"`` is needed by methods that read attention weights; others get the
-    library default (sdpa), which is faster.
+    ``dtype``: fp32 for students (bf16 autocast keeps fp32 master weights); a frozen teacher on CUDA is
+    loaded in bf16. ``attn_implementation="eager"`` is needed by methods that read attention weights;
+    others get the library default (sdpa), which is faster.
     """
+    import torch
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"dtype": "float32"}
+    kwargs: dict[str, Any] = {"dtype": dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if spec.kind == "tiny":
-        model = build_tiny(spec.source, seed=seed)
+        model = build_tiny(spec.source, seed=seed).to(getattr(torch, dtype))
         if attn_implementation:
             model.config._attn_implementation = attn_implementation
         return model
