@@ -82,12 +82,11 @@ class _Side:
         self.tokenizer = tokenizer
         with_specials = tokenizer("a", add_special_tokens=True)["input_ids"]
         without = tokenizer("a", add_special_tokens=False)["input_ids"]
-        # The specials the tokenizer puts in front of a text (BOS for Gemma/Llama, nothing for GPT-2).
-        self.prefix = (
-            list(with_specials[: len(with_specials) - len(without)])
-            if with_specials[-len(without) :] == without
-            else []
-        )
+        # The specials the tokenizer puts in front of a text (BOS for Gemma/Llama, nothing for GPT-2);
+        # suffix specials some tokenizers add (EOS, [SEP]) are not kept: EOS is appended explicitly.
+        n = len(without)
+        starts = [i for i in range(len(with_specials) - n + 1) if with_specials[i : i + n] == without]
+        self.prefix = list(with_specials[: starts[0]]) if starts else []
         self.eos = int(tokenizer.eos_token_id)
 
     def tokenize(self, text: str) -> tuple[list[int], np.ndarray]:
