@@ -102,6 +102,8 @@ class ModelOutputs:
     ``attentions`` a tuple of ``[B, heads, L, L]`` per layer. ``head(hidden, rows)`` applies the model's
     LM head to any hidden states, optionally only to some vocabulary rows (``rows`` long ``[R]``), which
     is how methods avoid materializing a 262k-wide teacher distribution they do not need.
+    ``input_embeddings`` / ``output_embeddings``: the embedding table and the LM head weight, both
+    ``[V, d]`` cut to ``V = len(tokenizer)`` (the student's carry gradients; the teacher's never do).
     """
 
     logits: torch.Tensor | None
@@ -109,6 +111,8 @@ class ModelOutputs:
     attentions: tuple[torch.Tensor, ...] | None
     head: Callable[..., torch.Tensor]
     vocab_size: int
+    input_embeddings: torch.Tensor | None = None
+    output_embeddings: torch.Tensor | None = None
 
 
 @dataclass

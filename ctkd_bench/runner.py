@@ -192,6 +192,8 @@ def _outputs(model, out, vocab: int, with_logits: bool) -> ModelOutputs:
         attentions=out.attentions,
         head=partial(lm_head_logits, model, vocab_size=vocab),
         vocab_size=vocab,
+        input_embeddings=model.get_input_embeddings().weight[:vocab],
+        output_embeddings=model.get_output_embeddings().weight[:vocab],
     )
 
 
