@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from ctkd_bench.alignment import SharedVocab
+from ctkd_bench.alignment.mined import VocabMap
 from ctkd_bench.data.batch import IGNORE_INDEX, DistillBatch, SideBatch
 from ctkd_bench.errors import UserError
 from ctkd_bench.registry import Registry
@@ -54,6 +55,7 @@ __all__ = [
     "Needs",
     "SharedVocab",
     "SideBatch",
+    "VocabMap",
     "apply_overrides",
     "config_dict",
     "get_method",
@@ -61,7 +63,7 @@ __all__ = [
     "register_method",
 ]
 
-ALIGNMENT_ARTIFACTS = frozenset({"spans", "token_pairs", "shared_vocab"})
+ALIGNMENT_ARTIFACTS = frozenset({"spans", "token_pairs", "shared_vocab", "mined"})
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,7 @@ class MethodContext:
     teacher_tokenizer: Any
     shared_vocab: SharedVocab | None
     same_tokenizer: bool
+    vocab_map: VocabMap | None = None  # MinED teacher->student map, when a method needs "mined"
 
 
 class Distiller(nn.Module):

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ctkd_bench import zoo
-from ctkd_bench.alignment import SharedVocab, shared_vocab
+from ctkd_bench.alignment import MinedAligner, SharedVocab, VocabMap, mined_vocab_map, shared_vocab
 from ctkd_bench.api import (
     Distiller,
     MethodContext,
@@ -358,6 +358,7 @@ def train_one(
     student_spec: zoo.ModelSpec,
     tokenizers: tuple[Any, Any],
     vocab: SharedVocab | None,
+    vocab_map: VocabMap | None,
     same: bool,
     stream: list[EncodedExample],
     request: RunRequest,
@@ -374,6 +375,7 @@ def train_one(
         teacher_tokenizer=teacher_tok,
         shared_vocab=vocab,
         same_tokenizer=same,
+        vocab_map=vocab_map,
     )
     method = method_cls(method_config, context)
     needs = method.requirements
@@ -583,12 +585,17 @@ def _run_pair(
     vocab = None
     if teacher_tok is not None and any("shared_vocab" in p[3].alignment for p in pending):
         vocab = shared_vocab(student_tok, teacher_tok)
+    vocab_map, aligner = None, None
+    if teacher_tok is not None and any("mined" in p[3].alignment for p in pending):
+        vocab_map = mined_vocab_map(student_tok, teacher_tok, progress=request.progress)
+        aligner = MinedAligner(student_tok, teacher_tok, vocab_map)
     examples = load_examples(request.data, "train", request.data_dir)
     encoder = PairEncoder(
         student_tok,
         teacher_tok if teacher_tok is not None else student_tok,
         max_prompt_tokens=train.max_prompt_tokens,
         max_length=train.max_length,
+        mined=aligner,
     )
     count = train.steps * train.grad_accum * train.batch_size * accelerator.num_processes
     stream = training_stream(
@@ -648,6 +655,7 @@ def _run_pair(
                 student_spec=student_spec,
                 tokenizers=(student_tok, teacher_tok),
                 vocab=vocab,
+                vocab_map=vocab_map,
                 same=same,
                 stream=stream,
                 request=request,

@@ -42,7 +42,8 @@ class DistillBatch:
     ``spans`` long ``[B, K, 4]`` rows ``(s_start, s_end, t_start, t_end)`` of token ranges (padded rows are
     zeros), ``span_mask`` bool ``[B, K]``; ``token_pairs`` long ``[B, P, 2]`` rows ``(s_index, t_index)``
     of tokens covering the same characters (``logits[:, index - 1]`` predicts them), ``pair_mask`` bool
-    ``[B, P]``.
+    ``[B, P]``. ``mined_pairs`` long ``[B, M, 2]`` rows ``(s_pos, t_pos)`` of logits positions aligned by
+    MinED (empty unless a method asked for ``"mined"``), ``mined_mask`` bool ``[B, M]``.
     """
 
     student: SideBatch
@@ -52,6 +53,10 @@ class DistillBatch:
     token_pairs: torch.Tensor
     pair_mask: torch.Tensor
     uids: tuple[str, ...]
+    mined_pairs: torch.Tensor | None = (
+        None  # long [B, M, 2] (student pos, teacher pos) of MinED-aligned logits
+    )
+    mined_mask: torch.Tensor | None = None  # bool [B, M]
 
     def to(self, device, non_blocking: bool = False) -> DistillBatch:
         move = {"device": device, "non_blocking": non_blocking}
@@ -63,6 +68,8 @@ class DistillBatch:
             span_mask=self.span_mask.to(**move),
             token_pairs=self.token_pairs.to(**move),
             pair_mask=self.pair_mask.to(**move),
+            mined_pairs=self.mined_pairs.to(**move) if self.mined_pairs is not None else None,
+            mined_mask=self.mined_mask.to(**move) if self.mined_mask is not None else None,
         )
 
     def __len__(self) -> int:
@@ -108,6 +115,7 @@ def collate(examples: list[EncodedExample], student_pad_id: int, teacher_pad_id:
         raise ValueError("cannot collate an empty batch")
     spans, span_mask = _pad_rows([e.alignment.spans for e in examples], 4)
     pairs, pair_mask = _pad_rows([e.alignment.token_pairs for e in examples], 2)
+    mined, mined_mask = _pad_rows([e.mined_pairs for e in examples], 2)
     return DistillBatch(
         student=_side_batch([e.student for e in examples], student_pad_id),
         teacher=_side_batch([e.teacher for e in examples], teacher_pad_id),
@@ -116,4 +124,6 @@ def collate(examples: list[EncodedExample], student_pad_id: int, teacher_pad_id:
         token_pairs=pairs,
         pair_mask=pair_mask,
         uids=tuple(e.uid for e in examples),
+        mined_pairs=mined,
+        mined_mask=mined_mask,
     )

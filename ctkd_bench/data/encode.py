@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ctkd_bench.alignment import SpanAlignment, align_spans
+from ctkd_bench.alignment import MinedAligner, SpanAlignment, align_spans
 from ctkd_bench.data.sources import Example
 
 
@@ -61,6 +61,8 @@ class EncodedExample:
     teacher: SideEncoding
     alignment: SpanAlignment  # spans and token pairs of the response; EOS pair appended when both have EOS
     truncated: bool
+    # MinED: aligned (student, teacher) *prediction* positions (logits index), int64 [M, 2]; empty unless asked
+    mined_pairs: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))
 
 
 @dataclass
@@ -100,7 +102,13 @@ class PairEncoder:
     """Encodes :class:`Example` s for a (student, teacher) tokenizer pair."""
 
     def __init__(
-        self, student_tokenizer, teacher_tokenizer, *, max_prompt_tokens: int = 256, max_length: int = 512
+        self,
+        student_tokenizer,
+        teacher_tokenizer,
+        *,
+        max_prompt_tokens: int = 256,
+        max_length: int = 512,
+        mined: MinedAligner | None = None,
     ) -> None:
         if max_length < 2:
             raise ValueError("max_length must be at least 2")
@@ -108,6 +116,7 @@ class PairEncoder:
         self.teacher = _Side(teacher_tokenizer)
         self.max_prompt_tokens = max_prompt_tokens
         self.max_length = max_length
+        self.mined = mined  # computes MinED position pairs when a method needs them
         self.stats = EncodeStats()
 
     def _skip(self, reason: str) -> None:
@@ -195,4 +204,17 @@ class PairEncoder:
             teacher=teacher,
             alignment=alignment,
             truncated=truncated,
+            mined_pairs=self._mined_pairs(student, teacher),
+        )
+
+    def _mined_pairs(self, student: SideEncoding, teacher: SideEncoding) -> np.ndarray:
+        if self.mined is None:
+            return np.zeros((0, 2), np.int64)
+
+        def predicting(side: SideEncoding) -> np.ndarray:  # positions whose logits predict a label
+            pos = np.arange(side.response_start - 1, side.response_end + int(side.has_eos) - 1)
+            return pos[pos >= 0]
+
+        return self.mined.align(
+            student.input_ids, predicting(student), teacher.input_ids, predicting(teacher)
         )
