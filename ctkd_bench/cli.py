@@ -11,6 +11,8 @@ from pathlib import Path
 
 from ctkd_bench.errors import UserError
 
+DEFAULT_PAIR = "gemma3-270m:smollm2-135m"
+
 DESCRIPTION = """\
 Benchmark harness for cross-tokenizer knowledge distillation (CTKD): a teacher LLM and a smaller
 student whose tokenizers differ. Train one student per method on the same data and batches, and get
@@ -20,6 +22,7 @@ examples:
   ctkd-bench list
   ctkd-bench run --methods sft,token-kld --pair gemma3-270m:smollm2-135m --steps 20
   ctkd-bench run --methods token-kld --pair gemma3-270m:smollm2-135m --data dolly --data-dir ../shared/data
+  ctkd-bench ablate sra --steps 5
   ctkd-bench finetune --model gemma3-270m --data dolly --data-dir ../shared/data --out teachers/gemma-sft
 """
 
@@ -141,6 +144,41 @@ def _add_train_args(p: argparse.ArgumentParser, default_lr: float) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    """Flags shared by `run` and `ablate`: pairs, method settings, data, training, output."""
+    p.add_argument(
+        "--pair",
+        action="append",
+        metavar="TEACHER:STUDENT",
+        help="teacher and student: aliases (gemma3-270m, smollm2-135m, llama2-7b, gpt2, ...), local folders "
+        f"or hub ids; repeat for several pairs (default: {DEFAULT_PAIR}, which works offline)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="METHOD.KEY=VALUE",
+        help="override a method setting, e.g. token-kld.temperature=1 (repeatable)",
+    )
+    _add_data_args(p, "sharegpt")
+    _add_train_args(p, 5e-4)
+    out = p.add_argument_group("output")
+    out.add_argument(
+        "--results-dir",
+        type=Path,
+        default=Path("results"),
+        metavar="DIR",
+        help="where run records go (default: results/)",
+    )
+    out.add_argument(
+        "--save-model",
+        type=Path,
+        metavar="DIR",
+        help="also keep each trained student as a Hugging Face folder DIR/<record name>/",
+    )
+    out.add_argument("--force", action="store_true", help="redo runs whose finished record exists")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ctkd-bench", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -164,38 +202,24 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="M1,M2",
         help="comma-separated method names (see `ctkd-bench list`)",
     )
-    run.add_argument(
-        "--pair",
-        action="append",
-        required=True,
-        metavar="TEACHER:STUDENT",
-        help="teacher and student: aliases (gemma3-270m, smollm2-135m, llama2-7b, gpt2, ...), "
-        "local folders or hub ids; repeat for several pairs",
+    _add_run_args(run)
+
+    ablate = sub.add_parser(
+        "ablate",
+        help="run a method's declared ablations on the same pair, data, seed and steps; print the table",
+        description="Run every ablation that METHOD declares (see `ctkd-bench list`), each as its own run with "
+        "its own record (the ablation name is part of it), on the same pair, data, batches, seed and "
+        "steps, then print the ablation table (rows: ablations; columns: loss terms and cost). Finished "
+        "records are reused, so an interrupted ablation resumes.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  ctkd-bench ablate sra --steps 5\n"
+        "  ctkd-bench ablate sra --ablations full,no-regularizer --pair gemma3-270m:smollm2-135m",
     )
-    run.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="METHOD.KEY=VALUE",
-        help="override a method setting, e.g. token-kld.temperature=1 (repeatable)",
+    ablate.add_argument("method", help="the method whose ablations to run")
+    ablate.add_argument(
+        "--ablations", metavar="A1,A2", help="only these ablations (default: all that the method declares)"
     )
-    _add_data_args(run, "sharegpt")
-    _add_train_args(run, 5e-4)
-    out = run.add_argument_group("output")
-    out.add_argument(
-        "--results-dir",
-        type=Path,
-        default=Path("results"),
-        metavar="DIR",
-        help="where run records go (default: results/)",
-    )
-    out.add_argument(
-        "--save-model",
-        type=Path,
-        metavar="DIR",
-        help="also keep each trained student as a Hugging Face folder DIR/<record name>/",
-    )
-    out.add_argument("--force", action="store_true", help="redo runs whose finished record exists")
+    _add_run_args(ablate)
 
     ft = sub.add_parser(
         "finetune",
@@ -266,9 +290,8 @@ def _train_config(args):
 
 
 def _cmd_run(args) -> int:
-    from ctkd_bench import zoo
     from ctkd_bench.api import get_method
-    from ctkd_bench.runner import MethodRun, RunRequest, run
+    from ctkd_bench.runner import MethodRun, run
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
@@ -278,9 +301,19 @@ def _cmd_run(args) -> int:
     for name in methods:
         get_method(name)  # unknown names fail here, listing the known ones
     overrides = _parse_overrides(args.set, methods)
-    pairs = [zoo.parse_pair(p) for p in args.pair]
-    request = RunRequest(
-        methods=[MethodRun(m, None, overrides.get(m, {})) for m in methods],
+    request = _request(args, [MethodRun(m, None, overrides.get(m, {})) for m in methods])
+    outcomes = run(request)
+    failed = [o for o in outcomes if o.status == "failed"]
+    return 1 if failed else 0
+
+
+def _request(args, methods):
+    from ctkd_bench import zoo
+    from ctkd_bench.runner import RunRequest
+
+    pairs = [zoo.parse_pair(p) for p in (args.pair or [DEFAULT_PAIR])]
+    return RunRequest(
+        methods=methods,
         pairs=pairs,
         data=args.data,
         data_dir=args.data_dir,
@@ -291,9 +324,60 @@ def _cmd_run(args) -> int:
         force=args.force,
         progress=not args.no_progress,
     )
-    outcomes = run(request)
-    failed = [o for o in outcomes if o.status == "failed"]
-    return 1 if failed else 0
+
+
+def _cmd_ablate(args) -> int:
+    from ctkd_bench.api import get_method, method_names
+    from ctkd_bench.records import read_record
+    from ctkd_bench.runner import MethodRun, run
+
+    cls = get_method(args.method)
+    if not cls.ablations:
+        with_ablations = [m for m in method_names() if get_method(m).ablations]
+        raise UserError(
+            f"method {args.method!r} declares no ablations; methods that do: {', '.join(with_ablations) or 'none'}"
+        )
+    chosen = list(cls.ablations)
+    if args.ablations:
+        chosen = [a.strip() for a in args.ablations.split(",") if a.strip()]
+        unknown = [a for a in chosen if a not in cls.ablations]
+        if unknown:
+            raise UserError(
+                f"{args.method} has no ablation {unknown[0]!r}; its ablations: {', '.join(cls.ablations)}"
+            )
+    user = _parse_overrides(args.set, [args.method]).get(args.method, {})
+    runs = [MethodRun(args.method, name, {**cls.ablations[name], **user}) for name in chosen]
+    outcomes = run(_request(args, runs))
+    rows = []
+    for outcome in outcomes:
+        record = outcome.record or read_record(outcome.path) or {}
+        rows.append((outcome, record))
+    print()
+    print(ablation_table(rows))
+    return 1 if any(o.status == "failed" for o in outcomes) else 0
+
+
+def ablation_table(rows) -> str:
+    """A markdown table: one row per ablation, columns = final loss terms, s/step, peak memory."""
+    terms: list[str] = []
+    for _, record in rows:
+        for name in record.get("losses", {}).get("final", {}):
+            if name not in terms:
+                terms.append(name)
+    header = ["ablation", "status", *terms, "s/step", "peak MB"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for outcome, record in rows:
+        final = record.get("losses", {}).get("final", {})
+        cost = record.get("cost", {})
+        cells = [
+            str(record.get("ablation") or outcome.label),
+            record.get("status", outcome.status),
+            *[f"{final[t]:.4f}" if t in final else "–" for t in terms],
+            f"{cost['seconds_per_step']:.2f}" if "seconds_per_step" in cost else "–",
+            f"{cost['peak_memory_mb']:.0f}" if "peak_memory_mb" in cost else "–",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _cmd_finetune(args) -> int:
@@ -355,7 +439,7 @@ def _cmd_list(args) -> int:
     return 0
 
 
-COMMANDS = {"run": _cmd_run, "finetune": _cmd_finetune, "list": _cmd_list}
+COMMANDS = {"run": _cmd_run, "ablate": _cmd_ablate, "finetune": _cmd_finetune, "list": _cmd_list}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from ctkd_bench.api import method_names
 from ctkd_bench.cli import main
 
 TINY_PAIR = "tiny-gemma3:tiny-smollm2"
@@ -112,7 +113,7 @@ def _bad_data(tmp_path: Path) -> Path:
 
 
 BAD = [
-    (["--methods", "ulld"], "unknown method 'ulld'; known: kd, sft, token-kld"),
+    (["--methods", "ulld"], "unknown method 'ulld'; known: " + ", ".join(method_names())),
     (["--pair", "llama2-7b"], "malformed pair 'llama2-7b'; expected TEACHER:STUDENT"),
     (["--pair", "a:b:c"], "malformed pair 'a:b:c'"),
     (["--pair", ":gpt2"], "malformed pair ':gpt2'"),
@@ -230,9 +231,8 @@ def test_errors_reach_the_shell_without_traceback():
         timeout=120,
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [
-        "ctkd-bench: error: unknown method 'ulld'; known: kd, sft, token-kld"
-    ]
+    known = ", ".join(method_names())
+    assert proc.stderr.strip().splitlines() == [f"ctkd-bench: error: unknown method 'ulld'; known: {known}"]
 
 
 @pytest.mark.parametrize(
@@ -307,3 +307,70 @@ def test_finetune_writes_a_folder_usable_as_a_teacher(tmp_path, shared_data):
         )
         == 0
     )
+
+
+def test_ablate_runs_each_declared_ablation_and_prints_the_table(tmp_path, shared_data, capsys):
+    from dataclasses import dataclass
+
+    from ctkd_bench.api import METHODS, Distiller, Needs
+
+    class Ablatable(Distiller):
+        """A test method whose ablations change its CE weight."""
+
+        name = "test-ablatable"
+        ablations = {"full": {}, "half-ce": {"ce_weight": 0.5}}
+
+        @dataclass
+        class Config:
+            ce_weight: float = 1.0
+
+        @classmethod
+        def needs(cls, config) -> Needs:
+            return Needs(teacher=False)
+
+        def loss_weights(self):
+            return {"ce": self.config.ce_weight}
+
+    METHODS.add("test-ablatable", Ablatable)
+    try:
+        args = [
+            "ablate",
+            "test-ablatable",
+            "--pair",
+            TINY_PAIR,
+            "--data",
+            "dolly",
+            "--data-dir",
+            str(shared_data),
+            "--results-dir",
+            str(tmp_path),
+            *FAST,
+        ]
+        assert main(args) == 0
+        records = [json.loads(p.read_text()) for p in _records(tmp_path)]
+        assert sorted(r["ablation"] for r in records) == ["full", "half-ce"]
+        assert {r["ablation"]: r["method_config"]["ce_weight"] for r in records} == {
+            "full": 1.0,
+            "half-ce": 0.5,
+        }
+        by_name = {r["ablation"]: r["losses"]["final"] for r in records}
+        assert by_name["half-ce"]["loss"] == pytest.approx(0.5 * by_name["half-ce"]["ce"], rel=1e-5)
+        table = capsys.readouterr().out
+        assert "| ablation | status | loss | ce | s/step | peak MB |" in table
+        assert "| full | finished |" in table and "| half-ce | finished |" in table
+
+        assert (
+            main(args) == 0
+        )  # resumes: both records exist, nothing is retrained, the table is printed again
+        out = capsys.readouterr().out
+        assert out.count("skip ") == 2 and "| half-ce | finished |" in out
+
+        assert main(["ablate", "test-ablatable", "--ablations", "nope", "--pair", TINY_PAIR]) == 2
+        assert "has no ablation 'nope'; its ablations: full, half-ce" in capsys.readouterr().err
+    finally:
+        del METHODS._objects["test-ablatable"]
+
+
+def test_ablate_a_method_without_ablations_says_so(capsys):
+    assert main(["ablate", "token-kld"]) == 2
+    assert "method 'token-kld' declares no ablations" in capsys.readouterr().err
