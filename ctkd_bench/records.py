@@ -34,20 +34,24 @@ def record_name(
     return "__".join(p.replace("/", "-").replace(":", "-") for p in parts) + ".json"
 
 
-def write_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write JSON through a temp file in the same folder and ``os.replace``: never a half-written record."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write text through a temp file in the same folder and ``os.replace``: never a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, indent=1, sort_keys=False, default=str)
-            handle.write("\n")
+            handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_atomic(path: Path, payload: dict[str, Any]) -> None:
+    """Write a JSON record atomically (see :func:`write_text_atomic`)."""
+    write_text_atomic(path, json.dumps(payload, indent=1, default=str) + "\n")
 
 
 def read_record(path: Path) -> dict[str, Any] | None:
