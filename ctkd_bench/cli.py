@@ -177,6 +177,67 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         help="also keep each trained student as a Hugging Face folder DIR/<record name>/",
     )
     out.add_argument("--force", action="store_true", help="redo runs whose finished record exists")
+    ev = p.add_argument_group("evaluation of the trained students")
+    ev.add_argument(
+        "--eval-tasks",
+        metavar="T1,T2",
+        help="score every trained student on these tasks: ctkd-instruct (dolly, selfinst, vicuna, sinst, "
+        "uinst, dialogsum), single sets, or lm-eval task names (need the hub); default: no evaluation",
+    )
+    ev.add_argument(
+        "--eval-every",
+        type=_non_negative_int,
+        default=0,
+        metavar="N",
+        help="evaluate on dolly dev every N steps and keep the best checkpoint (never selects on a test set)",
+    )
+    _add_eval_args(ev)
+
+
+def _add_eval_args(g) -> None:
+    g.add_argument(
+        "--eval-limit", type=_positive_int, metavar="N", help="score only the first N examples of each set"
+    )
+    g.add_argument(
+        "--eval-seeds",
+        default="10,20,30,40,50",
+        metavar="S1,S2",
+        help="sampling seeds; mean and std over them (default: 10,20,30,40,50, the protocol)",
+    )
+    g.add_argument(
+        "--greedy", action="store_true", help="greedy decoding, one pass (quick and deterministic)"
+    )
+    g.add_argument(
+        "--eval-batch-size",
+        type=_positive_int,
+        default=8,
+        metavar="N",
+        help="generation batch size (default: 8)",
+    )
+
+
+def _eval_config(args, tasks: str | None):
+    if not tasks:
+        return None
+    from ctkd_bench.evaluation import EvalConfig
+
+    names = tuple(t.strip() for t in tasks.split(",") if t.strip())
+    try:
+        seeds = tuple(int(x) for x in args.eval_seeds.split(",") if x.strip())
+    except ValueError:
+        raise UserError(
+            f"--eval-seeds {args.eval_seeds!r}: expected comma-separated integers, e.g. 10,20,30"
+        ) from None
+    if not seeds:
+        raise UserError("--eval-seeds is empty")
+    return EvalConfig(
+        tasks=names,
+        data_dir=args.data_dir,
+        limit=args.eval_limit,
+        seeds=seeds[:1] if args.greedy else seeds,
+        greedy=args.greedy,
+        batch_size=args.eval_batch_size,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -244,6 +305,34 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="where the run record goes (default: results/)",
     )
+
+    ev = sub.add_parser(
+        "eval",
+        help="score any model on the instruction sets (or lm-eval tasks): the teacher row of a table",
+        description="Generate answers with MODEL and score them with ROUGE-L (the protocol of the CTKD "
+        "literature: sampling at temperature 1, no-repeat-ngram 6, seeds 10-50, mean and std), through "
+        "lm-eval in-process. Prints a per-set table and writes an eval record with a samples file.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  ctkd-bench eval --model smollm2-135m --tasks ctkd-instruct --data-dir ../shared/data "
+        "--eval-limit 20 --greedy\n  ctkd-bench eval --model results/models/<run> --tasks dolly,vicuna --data-dir ../shared/data",
+    )
+    ev.add_argument("--model", required=True, help="alias, folder (e.g. from --save-model) or hub id")
+    ev.add_argument("--tasks", default="ctkd-instruct", help="comma-separated tasks (default: ctkd-instruct)")
+    ev.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="folder in the MiniLLM layout (e.g. ../shared/data); without it the sets come from the hub",
+    )
+    _add_eval_args(ev)
+    ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: auto")
+    ev.add_argument(
+        "--results-dir",
+        type=Path,
+        default=Path("results"),
+        metavar="DIR",
+        help="where the eval record and samples go (default: results/)",
+    )
+    ev.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     sub.add_parser(
         "list",
@@ -323,7 +412,48 @@ def _request(args, methods):
         save_model=args.save_model,
         force=args.force,
         progress=not args.no_progress,
+        evaluation=_eval_config(args, args.eval_tasks),
+        eval_every=args.eval_every,
     )
+
+
+def _cmd_eval(args) -> int:
+    import dataclasses
+
+    from ctkd_bench import zoo
+    from ctkd_bench.evaluation import evaluate, format_table
+    from ctkd_bench.records import now, versions, write_atomic, write_text_atomic
+    from ctkd_bench.runner import resolve_device
+
+    config = _eval_config(args, args.tasks)
+    spec = zoo.resolve(args.model)
+    device = resolve_device(args.device)
+    tokenizer = zoo.load_tokenizer(spec)
+    model = zoo.load_model(spec, dtype="bfloat16" if device == "cuda" else "float32").to(device).eval()
+    started = now()
+    result = evaluate(model, tokenizer, config, progress=not args.no_progress)
+    print(format_table(result))
+    if args.results_dir is not None:
+        from ctkd_bench.records import config_hash
+
+        record = {
+            "schema_version": 1,
+            "status": "finished",
+            "kind": "eval",
+            "model": zoo.model_info(spec),
+            "eval": result.to_record(),
+            "versions": versions(),
+            "started_at": started,
+            "finished_at": now(),
+        }
+        digest = config_hash({"model": spec.source, "eval": dataclasses.asdict(config)})
+        path = Path(args.results_dir) / f"eval__{spec.short}__{digest}.json"
+        samples = path.with_name(path.stem + ".samples.jsonl")
+        write_text_atomic(samples, "".join(line + "\n" for line in result.samples_jsonl()))
+        record["eval"]["samples_file"] = samples.name
+        write_atomic(path, record)
+        print(f"record: {path}")
+    return 0
 
 
 def _cmd_ablate(args) -> int:
@@ -358,26 +488,44 @@ def _cmd_ablate(args) -> int:
 
 
 def ablation_table(rows) -> str:
-    """A markdown table: one row per ablation, columns = final loss terms, s/step, peak memory."""
+    """A markdown table: one row per ablation, columns = final loss terms, eval scores, s/step, peak memory."""
     terms: list[str] = []
     for _, record in rows:
         for name in record.get("losses", {}).get("final", {}):
             if name not in terms:
                 terms.append(name)
-    header = ["ablation", "status", *terms, "s/step", "peak MB"]
+    tasks: list[str] = []
+    for _, record in rows:
+        for name in (record.get("eval") or {}).get("tasks", {}):
+            if name not in tasks:
+                tasks.append(name)
+    with_average = any((record.get("eval") or {}).get("average") for _, record in rows)
+    metric_cols = [*tasks, *(["average"] if with_average and len(tasks) > 1 else [])]
+    header = ["ablation", "status", *terms, *metric_cols, "s/step", "peak MB"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for outcome, record in rows:
         final = record.get("losses", {}).get("final", {})
         cost = record.get("cost", {})
+        scores = dict((record.get("eval") or {}).get("tasks", {}))
+        if (record.get("eval") or {}).get("average"):
+            scores["average"] = record["eval"]["average"]
         cells = [
             str(record.get("ablation") or outcome.label),
             record.get("status", outcome.status),
             *[f"{final[t]:.4f}" if t in final else "–" for t in terms],
+            *[_score_cell(scores.get(t)) for t in metric_cols],
             f"{cost['seconds_per_step']:.2f}" if "seconds_per_step" in cost else "–",
             f"{cost['peak_memory_mb']:.0f}" if "peak_memory_mb" in cost else "–",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _score_cell(score) -> str:
+    if not score:
+        return "–"
+    std = score.get("std")
+    return f"{score['mean']:.2f}" if std is None else f"{score['mean']:.2f} ± {std:.2f}"
 
 
 def _cmd_finetune(args) -> int:
@@ -439,7 +587,13 @@ def _cmd_list(args) -> int:
     return 0
 
 
-COMMANDS = {"run": _cmd_run, "ablate": _cmd_ablate, "finetune": _cmd_finetune, "list": _cmd_list}
+COMMANDS = {
+    "run": _cmd_run,
+    "ablate": _cmd_ablate,
+    "eval": _cmd_eval,
+    "finetune": _cmd_finetune,
+    "list": _cmd_list,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,6 +49,7 @@ from ctkd_bench.records import (
     record_name,
     versions,
     write_atomic,
+    write_text_atomic,
 )
 
 
@@ -110,6 +111,8 @@ class RunRequest:
     force: bool = False
     progress: bool = True
     keep_students: bool = False  # return the trained student models in the outcomes (finetune)
+    evaluation: Any = None  # an evaluation.EvalConfig: score every trained student on its tasks
+    eval_every: int = 0  # evaluate on dolly dev every N steps and keep the best checkpoint (0: off)
 
 
 @dataclass
@@ -318,6 +321,8 @@ def _identity(
         "data_source": "local" if request.data_dir else "default",
         "train": asdict(request.train),
         "num_processes": num_processes,  # data-parallel processes: the global batch is batch_size x this
+        "evaluation": asdict(request.evaluation) if request.evaluation is not None else None,
+        "eval_every": request.eval_every,
     }
 
 
@@ -407,6 +412,7 @@ def train_one(
     trainee, optimizer, loader = accelerator.prepare(trainee, optimizer, loader)
     teacher_vocab = zoo.vocab_size(teacher_tok) if teacher_tok is not None else 0
 
+    selection = DevSelection(request)
     curve: list[dict[str, float]] = []
     step_seconds: list[float] = []
     teacher_seconds: list[float] = []
@@ -460,8 +466,11 @@ def train_one(
             if bar is not None:
                 bar.set_postfix({k: f"{v:.3f}" for k, v in sums.items()}, refresh=False)
                 bar.update(1)
+            if request.eval_every and (step % request.eval_every == 0 or step == train.steps):
+                selection.observe(step, accelerator.unwrap_model(trainee).student, student_tok)
     if bar is not None:
         bar.close()
+    selection.restore_best(accelerator.unwrap_model(trainee).student)
 
     timed = step_seconds[1:] if len(step_seconds) > 1 else step_seconds  # the first step warms up
     t_timed = teacher_seconds[1:] if len(teacher_seconds) > 1 else teacher_seconds
@@ -492,9 +501,51 @@ def train_one(
             "method": sum(p.numel() for g in method.optimizer_groups(train.lr) for p in g["params"]),
         },
     }
+    if request.eval_every:
+        body["selection"] = selection.summary()
     unwrapped = accelerator.unwrap_model(trainee)
     body["_student"] = unwrapped.student
     return body
+
+
+class DevSelection:
+    """Checkpoint selection on ``dolly`` dev ROUGE-L (never on a test set): keeps the best weights seen."""
+
+    def __init__(self, request: RunRequest) -> None:
+        self.enabled = bool(request.eval_every)
+        self.config = None
+        if self.enabled:
+            from dataclasses import replace as dc_replace
+
+            from ctkd_bench.evaluation import EvalConfig
+
+            base = request.evaluation or EvalConfig(data_dir=request.data_dir)
+            self.config = dc_replace(base, tasks=("dolly_dev",), seeds=base.seeds[:1])
+        self.curve: list[dict[str, float]] = []
+        self.best: tuple[int, float, dict[str, torch.Tensor]] | None = None
+
+    def observe(self, step: int, student, tokenizer) -> None:
+        from ctkd_bench.evaluation import evaluate
+
+        result = evaluate(student, tokenizer, self.config, progress=False)
+        score = result.tasks["dolly_dev"].mean
+        self.curve.append({"step": step, "dolly_dev_rougeL": score})
+        if self.best is None or score > self.best[1]:
+            state = {k: v.detach().to("cpu", copy=True) for k, v in student.state_dict().items()}
+            self.best = (step, score, state)
+
+    def restore_best(self, student) -> None:
+        if self.best is not None:
+            student.load_state_dict(self.best[2])
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "metric": "dolly_dev rougeL",
+            "best_step": self.best[0] if self.best else None,
+            "best_score": self.best[1] if self.best else None,
+            "curve": self.curve,
+            "config": asdict(self.config) if self.config is not None else None,
+        }
 
 
 def _progress(request: RunRequest, total: int, desc: str):
@@ -525,6 +576,8 @@ def run(request: RunRequest, log=print) -> list[RunOutcome]:
     """Run every method on every pair; returns one outcome per (pair, method)."""
     request.train.validate()
     device = resolve_device(request.device)
+    if request.eval_every < 0:
+        raise UserError(f"--eval-every must be >= 0, got {request.eval_every}")
     if not request.progress:
         from transformers.utils import logging as hf_logging
 
@@ -534,6 +587,11 @@ def run(request: RunRequest, log=print) -> list[RunOutcome]:
         cls = get_method(run_.method)
         resolved.append((run_, cls, apply_overrides(cls.Config(), run_.overrides, run_.method)))
     accelerator = make_accelerator(device, request.train.grad_accum)
+    if request.eval_every and accelerator.num_processes > 1:
+        raise UserError(
+            "--eval-every needs a single process; train data-parallel without it and score the saved "
+            "students afterwards with `ctkd-bench eval --model FOLDER`"
+        )
     if not accelerator.is_main_process:  # data-parallel workers train; only the main process reports
 
         def log(*_args, **_kwargs) -> None:
@@ -669,6 +727,14 @@ def _run_pair(
             continue
         trained = body.pop("_student")
         accelerator.wait_for_everyone()
+        if request.evaluation is not None and accelerator.is_main_process:
+            from ctkd_bench.evaluation import evaluate
+
+            result = evaluate(trained, student_tok, request.evaluation, progress=request.progress)
+            record["eval"] = result.to_record()
+            samples = path.with_name(path.stem + ".samples.jsonl")
+            write_text_atomic(samples, "".join(line + "\n" for line in result.samples_jsonl()))
+            record["eval"]["samples_file"] = samples.name
         if request.save_model is not None:
             folder = Path(request.save_model) / path.stem
             if accelerator.is_main_process:

@@ -292,11 +292,12 @@ class SRA(Distiller):
     """
 
     summary = "span centres of mass (attention-weighted) aligned by cosine + Gram geometry + span-logit KL"
+    # The seven ablations of the issue / paper. Both weightings off at once (no attention tensors at all,
+    # so no eager attention) is one --set away: --set sra.com_weighting=uniform --set sra.span_weighting=uniform
     ablations = {
         "full": {},
         "no-com-weighting": {"com_weighting": "uniform"},
         "no-span-weighting": {"span_weighting": "uniform"},
-        "no-weighting": {"com_weighting": "uniform", "span_weighting": "uniform"},
         "no-regularizer": {"regularizer": False},
         "no-span-logits": {"span_logits": False},
         "no-hidden-alignment": {"hidden_alignment": False},

@@ -480,7 +480,7 @@ def test_spans_of_real_tokenizers_with_byte_tokens_give_finite_centres(smol_tok,
 
 
 def test_every_declared_ablation_trains_two_steps_with_finite_losses(tmp_path, shared_data):
-    assert set(SRA.ablations) >= {
+    assert list(SRA.ablations) == [
         "full",
         "no-com-weighting",
         "no-span-weighting",
@@ -488,7 +488,7 @@ def test_every_declared_ablation_trains_two_steps_with_finite_losses(tmp_path, s
         "no-span-logits",
         "no-hidden-alignment",
         "span-logits-only",
-    }
+    ]
     request = RunRequest(
         methods=[MethodRun("sra", name, overrides) for name, overrides in SRA.ablations.items()],
         pairs=[zoo.parse_pair(TINY_PAIR)],

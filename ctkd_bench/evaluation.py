@@ -1,0 +1,751 @@
+"""Evaluation engine: the ROUGE-L instruction-following tasks (and any lm-eval task) through lm-eval, in-process.
+
+The tasks live in ``tasks/`` (installed as ``ctkd_bench.tasks``) as lm-eval ``generate_until`` tasks:
+``dolly`` (test), ``dolly_dev`` (dev, for checkpoint selection; never report it), ``selfinst``,
+``vicuna``, ``sinst`` (S-NI), ``uinst`` (UnNI) and ``dialogsum``, plus the group ``ctkd-instruct``
+(``dolly``, ``selfinst``, ``vicuna``, ``sinst``, ``dialogsum``; the unweighted mean over the sets, an lm-eval
+``aggregate_metric_list`` with ``weight_by_size: false``). ``uinst`` is not in the group because no copy
+of it ships in the shared data folder (it needs the hub), and ``dialogsum`` has no hub copy: a group with
+both could run nowhere without hand-collected files. The documents come from
+:func:`ctkd_bench.data.sources.load_examples` (``data_dir``: the local folder layout of ``../shared/data``;
+``None``: the Hugging Face hub copies); it reaches lm-eval as the TaskManager metadata key ``data_dir``.
+
+Protocol (DSKD ``eval_main.sh`` / ``evaluate_main.py`` / ``rouge_metric.py``, see
+``reference/ctkd-methods.md`` section 3.3), the default of :class:`EvalConfig`:
+
+* ROUGE-L F-measure with the Porter stemmer (``rouge_score``), x100, max over the references (S-NI has
+  several), mean over the examples of a set (:func:`rouge_l`, called from ``tasks/utils.py``).
+* Sampling with temperature 1, top-p 1, top-k 0 (off), ``no_repeat_ngram_size`` 6, repetition penalty 1;
+  seeds 10, 20, 30, 40, 50; a set's score is the mean over seeds, with the sample standard deviation
+  (``ddof=1``; ``None`` for one run). Before each set the torch RNG is re-seeded with the run's seed,
+  so a set's generations do not depend on which other sets run with it (DSKD runs one set at a time).
+* The prompt is the Alpaca-template text of the data file, used verbatim (no chat template), tokenized
+  with the tokenizer's own prefix specials (Gemma gets its BOS, SmolLM2/GPT-2 nothing), as the training
+  data are (``ctkd_bench.data.encode``).
+* At most ``max_prompt_tokens`` (256) prompt tokens and ``max_new_tokens`` (256) new tokens: lm-eval's
+  HFLM gets ``max_length = 256 + 256 = 512`` and ``max_gen_toks = 256``, so it keeps the last 256 prompt
+  tokens (left truncation). DSKD pads every prompt to 256 tokens and generates ``512 - 256 = 256``, so the
+  budgets are the same; but DSKD keeps the *first* 256 prompt tokens, which cuts off the
+  ``### Response:`` marker of a long prompt. Deviation: we truncate from the left (the end of the prompt,
+  with the marker, is kept) and count the truncated prompts per set (``truncated_prompts``; with the
+  SmolLM2 tokenizer: Dolly test 10/500, S-NI 28/1694, DialogSum 781/1500, none elsewhere). No prompt is
+  skipped, so every model is scored on the same examples.
+* Generation stops at EOS (the tokenizer's EOS and every EOS id of the model's generation config) and
+  at the next ``### Instruction`` (lm-eval ``until``; the text from the stop string on is cut); the
+  prediction is stripped of surrounding whitespace (as DSKD does; ROUGE ignores it anyway). KV cache on
+  (HFLM passes ``use_cache=True``); HFLM's Collator sorts requests by prompt length (longest first) and
+  batches them ``batch_size`` at a time with left padding (``tok_batch_encode(padding_side="left")``).
+  A fresh ``GenerationConfig`` is not used: the explicit values above override the model's own
+  generation defaults (e.g. Gemma-3's top-k 64), other model defaults (none here) would apply.
+* ``greedy=True``: a quick deterministic pass: ``do_sample=False``, still ``no_repeat_ngram_size`` 6 (the
+  protocol's decoding constraint; small models loop without it), one run (the first seed's label; seeds
+  do not matter), std ``None``.
+* ``limit=N`` scores the first N examples of each set (file order).
+
+Any other lm-eval task name (``hellaswag``, ``gsm8k``, ...) is passed through to lm-eval's own task
+registry (``include_defaults=True``), run once (first seed) with its own generation settings and the
+model's full context (not the 512-token cap), and reported with its first metric. Offline such a task
+cannot download its data: that is a :class:`UserError` naming the task.
+
+The caller's RNG states (python, numpy, torch) are restored afterwards, and the model is put back in
+train mode if it was in train mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import math
+import random
+import statistics
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ctkd_bench.errors import UserError
+
+ROUGE_TASKS: tuple[str, ...] = ("dolly", "dolly_dev", "selfinst", "vicuna", "sinst", "uinst", "dialogsum")
+GROUP_NAME = "ctkd-instruct"
+GROUP_TASKS: tuple[str, ...] = ("dolly", "selfinst", "vicuna", "sinst", "dialogsum")
+TASK_NAMES: tuple[str, ...] = ROUGE_TASKS + (GROUP_NAME,)
+METRIC = "rougeL"  # the metric name the task YAMLs report
+STOP_SEQUENCES: tuple[str, ...] = ("### Instruction",)  # as in the YAMLs' `until`
+
+_LOG = logging.getLogger(__name__)
+
+
+def tasks_dir() -> Path:
+    """The folder of the task YAMLs (the installed ``ctkd_bench.tasks`` package)."""
+    import ctkd_bench.tasks
+
+    return Path(ctkd_bench.tasks.__file__).parent
+
+
+# -------------------------------------------------------------------------------------------- metric
+
+
+@functools.lru_cache(maxsize=1)
+def _scorer():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def rouge_l(prediction: str, references: Sequence[str]) -> float:
+    """ROUGE-L F-measure (stemmed, ``rouge_score``) x100 of ``prediction`` against its best reference.
+
+    ``references``: every acceptable answer (a single string counts as one reference). The score is the
+    max over them, as the S-NI / MiniLLM ``metric_max_over_ground_truths`` does.
+    """
+    if isinstance(references, str):
+        references = (references,)
+    if len(references) == 0:
+        raise ValueError("rouge_l needs at least one reference")
+    scorer = _scorer()
+    return 100.0 * max(scorer.score(ref, prediction)["rougeL"].fmeasure for ref in references)
+
+
+def instruction_docs(source: str, split: str, data_dir: str | Path | None = None):
+    """The documents of one instruction set as a ``datasets.DatasetDict`` ``{split: Dataset}``.
+
+    Columns ``uid``, ``prompt`` (the Alpaca-template text), ``references`` (list of strings). Errors of
+    the data (missing folder, no hub, bad rows) are :class:`UserError` from ``load_examples``.
+    """
+    import datasets
+
+    from ctkd_bench.data.sources import load_examples
+
+    examples = load_examples(source, split, data_dir)
+    rows = {
+        "uid": [ex.uid for ex in examples],
+        "prompt": [ex.prompt for ex in examples],
+        "references": [list(ex.references) for ex in examples],
+    }
+    return datasets.DatasetDict({split: datasets.Dataset.from_dict(rows)})
+
+
+# ----------------------------------------------------------------------------------------- config
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate and how; the defaults are the literature's protocol (see the module docstring)."""
+
+    tasks: tuple[str, ...] = (GROUP_NAME,)
+    data_dir: str | None = None  # local data folder (../shared/data layout); None: Hugging Face hub
+    limit: int | None = None  # score only the first N examples of each set
+    seeds: tuple[int, ...] = (10, 20, 30, 40, 50)
+    greedy: bool = False  # one deterministic pass instead of sampling over the seeds
+    batch_size: int = 8
+    max_new_tokens: int = 256
+    max_prompt_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tasks, str):
+            self.tasks = tuple(t for t in self.tasks.split(",") if t.strip())
+        self.tasks = tuple(t.strip() for t in self.tasks)
+        self.seeds = tuple(int(s) for s in self.seeds)
+        if not self.tasks:
+            raise UserError(f"no evaluation task given; choose from {', '.join(TASK_NAMES)}")
+        if not self.seeds:
+            raise UserError("no evaluation seed given; the protocol uses 10,20,30,40,50")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise UserError(f"evaluation seeds repeat: {self.seeds}; give each seed once")
+        for name in ("limit", "batch_size", "max_new_tokens", "max_prompt_tokens"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise UserError(f"evaluation {name} must be a positive integer, got {value!r}")
+        if self.data_dir is not None:
+            self.data_dir = str(Path(self.data_dir).expanduser().resolve())
+
+    def generation_kwargs(self) -> dict[str, Any]:
+        """The lm-eval ``generation_kwargs`` of our tasks under this config (``until`` included)."""
+        kwargs: dict[str, Any] = {"until": list(STOP_SEQUENCES)}
+        if self.greedy:
+            kwargs.update(do_sample=False, temperature=0.0)
+        else:
+            kwargs.update(do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
+        kwargs.update(no_repeat_ngram_size=6, repetition_penalty=1.0, max_gen_toks=self.max_new_tokens)
+        return kwargs
+
+    @property
+    def mode(self) -> str:
+        return "greedy" if self.greedy else "sampling"
+
+    @property
+    def run_seeds(self) -> tuple[int, ...]:
+        """The seeds actually run: all of them when sampling, the first one when greedy."""
+        return self.seeds[:1] if self.greedy else self.seeds
+
+
+# ----------------------------------------------------------------------------------------- result
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One scored generation."""
+
+    task: str
+    seed: int
+    doc_id: int
+    uid: str
+    prompt: str
+    prediction: str
+    references: tuple[str, ...]
+    score: float
+
+    def to_dict(self) -> dict[str, Any]:
+        row = asdict(self)
+        row["references"] = list(self.references)
+        return row
+
+
+@dataclass
+class TaskResult:
+    """One task's scores over the runs (seeds)."""
+
+    task: str
+    metric: str  # "rougeL" (x100) for ours; lm-eval's first metric for a built-in task
+    scores: dict[int, float]  # seed -> score
+    n: int  # examples scored per run
+    truncated_prompts: int | None = None  # prompts cut to max_prompt_tokens (ours only)
+    metrics: dict[int, dict[str, float]] = field(default_factory=dict)  # seed -> all lm-eval metrics
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.scores.values())
+
+    @property
+    def std(self) -> float | None:
+        return statistics.stdev(self.scores.values()) if len(self.scores) > 1 else None
+
+    def to_record(self) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "metric": self.metric,
+            "mean": self.mean,
+            "std": self.std,
+            "n": self.n,
+            "per_seed": {str(seed): score for seed, score in self.scores.items()},
+        }
+        if self.truncated_prompts is not None:
+            record["truncated_prompts"] = self.truncated_prompts
+        if self.metrics and self.metric != METRIC:
+            record["metrics"] = {str(seed): m for seed, m in self.metrics.items()}
+        return record
+
+
+@dataclass
+class RunCost:
+    """Cost of one run (one seed): wall time of the lm-eval call and of ``model.generate`` alone."""
+
+    seconds: float = 0.0
+    generate_seconds: float = 0.0
+    generated_tokens: int = 0  # per row: new tokens up to and including the first EOS (all if none)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated_tokens / self.generate_seconds if self.generate_seconds > 0 else 0.0
+
+
+@dataclass
+class EvalResult:
+    """Scores per task and seed, their mean/std, the group mean, cost and samples of one evaluation."""
+
+    config: EvalConfig
+    tasks: dict[str, TaskResult]  # leaf tasks in the order they were requested
+    groups: dict[str, dict[int, float]]  # lm-eval's group aggregate: group -> seed -> score
+    cost: dict[int, RunCost]  # seed -> cost (built-in tasks add to the first seed)
+    samples: dict[str, dict[int, list[Sample]]]  # task -> seed -> samples
+    lm_eval_version: str = ""
+
+    @property
+    def rouge_tasks(self) -> list[str]:
+        return [name for name, res in self.tasks.items() if res.metric == METRIC]
+
+    def average_scores(self) -> dict[int, float]:
+        """Per seed: the unweighted mean of the ROUGE-L sets evaluated (what the group reports)."""
+        names = self.rouge_tasks
+        if not names:
+            return {}
+        seeds = self.tasks[names[0]].scores.keys()
+        return {seed: statistics.fmean(self.tasks[t].scores[seed] for t in names) for seed in seeds}
+
+    @property
+    def average(self) -> float | None:
+        scores = self.average_scores()
+        return statistics.fmean(scores.values()) if scores else None
+
+    @property
+    def average_std(self) -> float | None:
+        scores = self.average_scores()
+        return statistics.stdev(scores.values()) if len(scores) > 1 else None
+
+    @property
+    def seconds(self) -> float:
+        return sum(c.seconds for c in self.cost.values())
+
+    @property
+    def generate_seconds(self) -> float:
+        return sum(c.generate_seconds for c in self.cost.values())
+
+    @property
+    def generated_tokens(self) -> int:
+        return sum(c.generated_tokens for c in self.cost.values())
+
+    @property
+    def tokens_per_second(self) -> float:
+        seconds = self.generate_seconds
+        return self.generated_tokens / seconds if seconds > 0 else 0.0
+
+    def to_record(self) -> dict[str, Any]:
+        """A JSON-ready dict for run records (samples left out: see :meth:`samples_jsonl`)."""
+        cfg = self.config
+        average = self.average_scores()
+        return {
+            "engine": "lm-eval",
+            "lm_eval_version": self.lm_eval_version,
+            "protocol": {
+                "tasks": list(cfg.tasks),
+                "data_dir": cfg.data_dir,
+                "limit": cfg.limit,
+                "mode": cfg.mode,
+                "seeds": list(cfg.run_seeds),
+                "batch_size": cfg.batch_size,
+                "max_prompt_tokens": cfg.max_prompt_tokens,
+                "max_new_tokens": cfg.max_new_tokens,
+                "prompt_truncation": "left",
+                "generation_kwargs": cfg.generation_kwargs(),
+                "metric": "ROUGE-L F x100, rouge_score with stemmer, max over references",
+                "std": "sample standard deviation over seeds (ddof=1)",
+            },
+            "tasks": {name: res.to_record() for name, res in self.tasks.items()},
+            "groups": {
+                name: {
+                    "mean": statistics.fmean(scores.values()),
+                    "std": statistics.stdev(scores.values()) if len(scores) > 1 else None,
+                    "per_seed": {str(seed): score for seed, score in scores.items()},
+                }
+                for name, scores in self.groups.items()
+            },
+            "average": None
+            if not average
+            else {
+                "tasks": self.rouge_tasks,
+                "mean": self.average,
+                "std": self.average_std,
+                "per_seed": {str(seed): score for seed, score in average.items()},
+            },
+            "cost": {
+                "seconds": self.seconds,
+                "generate_seconds": self.generate_seconds,
+                "generated_tokens": self.generated_tokens,
+                "tokens_per_second": self.tokens_per_second,
+                "per_seed": {
+                    str(seed): {**asdict(c), "tokens_per_second": c.tokens_per_second}
+                    for seed, c in self.cost.items()
+                },
+            },
+        }
+
+    def samples_jsonl(self) -> list[str]:
+        """One JSON object per sample (task, seed, doc_id, uid, prompt, prediction, references, score)."""
+        return [
+            json.dumps(sample.to_dict(), ensure_ascii=False)
+            for per_seed in self.samples.values()
+            for samples in per_seed.values()
+            for sample in samples
+        ]
+
+
+def format_table(result: EvalResult) -> str:
+    """A markdown table: one row per set plus the average, ROUGE-L mean +- std over seeds and n."""
+    runs = len(result.config.run_seeds)
+    header = f"ROUGE-L ({result.config.mode}, {runs} seed{'s' if runs > 1 else ''})"
+    lines = [f"| set | {header} | n |", "|---|---:|---:|"]
+    for name, res in result.tasks.items():
+        label = name if res.metric == METRIC else f"{name} ({res.metric})"
+        lines.append(f"| {label} | {_mean_std(res.mean, res.std)} | {res.n} |")
+    if result.average is not None:
+        label = GROUP_NAME if GROUP_NAME in result.groups else "average"
+        lines.append(f"| **{label}** | {_mean_std(result.average, result.average_std)} | |")
+    lines.append("")
+    lines.append(
+        f"generation: {result.generated_tokens:,} new tokens in {result.generate_seconds:.1f} s "
+        f"({result.tokens_per_second:.1f} tokens/s); {result.seconds:.1f} s in all"
+    )
+    return "\n".join(lines)
+
+
+def _mean_std(mean: float, std: float | None) -> str:
+    return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
+
+
+# ------------------------------------------------------------------------------------------ engine
+
+
+@functools.lru_cache(maxsize=1)
+def _hflm_class():
+    """HFLM with a per-task reseed, generation cost counters, explicit EOS ids and no network lookups."""
+    import torch
+    from lm_eval.models.huggingface import HFLM
+
+    class _CtkdHFLM(HFLM):
+        def __init__(self, *args: Any, eos_token_ids: list[int], progress: bool, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.eos_token_ids = eos_token_ids
+            self.progress = progress
+            self.seed: int | None = None
+            self.cost = RunCost()
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            # One pass per task, each after re-seeding torch: a set's samples do not depend on the others.
+            by_task: dict[str | None, list[int]] = {}
+            for i, request in enumerate(requests):
+                by_task.setdefault(request.task_name, []).append(i)
+            outputs: list[str | None] = [None] * len(requests)
+            for indices in by_task.values():
+                if self.seed is not None:
+                    torch.manual_seed(self.seed)
+                texts = super().generate_until(
+                    [requests[i] for i in indices], disable_tqdm=disable_tqdm or not self.progress
+                )
+                for i, text in zip(indices, texts):
+                    outputs[i] = text
+            return outputs
+
+        def _model_generate(self, context, max_length, stop, **generation_kwargs):
+            generation_kwargs.setdefault("eos_token_id", self.eos_token_ids)
+            synchronize = context.device.type == "cuda"
+            start = time.perf_counter()
+            out = super()._model_generate(context, max_length, stop, **generation_kwargs)
+            if synchronize:
+                torch.cuda.synchronize(context.device)
+            self.cost.generate_seconds += time.perf_counter() - start
+            new = out[:, context.shape[1] :]
+            if new.shape[1]:
+                is_eos = torch.isin(new, torch.tensor(self.eos_token_ids, device=new.device))
+                first = is_eos.int().argmax(dim=1)
+                counts = torch.where(is_eos.any(dim=1), first + 1, torch.full_like(first, new.shape[1]))
+                self.cost.generated_tokens += int(counts.sum())
+            return out
+
+        def get_model_info(self) -> dict:  # the base class asks the hub for the model's sha
+            return {
+                "model_num_parameters": sum(p.numel() for p in self.model.parameters()),
+                "model_dtype": str(self.model.dtype),
+            }
+
+    return _CtkdHFLM
+
+
+def _eos_token_ids(model, tokenizer) -> list[int]:
+    ids = {int(tokenizer.eos_token_id)}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if configured is not None:
+        ids.update(int(i) for i in (configured if isinstance(configured, (list, tuple)) else [configured]))
+    return sorted(ids)
+
+
+@functools.lru_cache(maxsize=1)
+def _default_task_manager():
+    """lm-eval's full task registry (about 15k names; building its index takes seconds): built once."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_defaults=True)
+
+
+def _split_tasks(names: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(ours, built-in) in request order, duplicates and group members requested twice dropped."""
+    ours: list[str] = []
+    builtin: list[str] = []
+    for name in dict.fromkeys(names):
+        (ours if name in TASK_NAMES else builtin).append(name)
+    if GROUP_NAME in ours:
+        ours = [name for name in ours if name not in GROUP_TASKS]
+    if builtin:
+        known = set(_default_task_manager().all_tasks)
+        unknown = [name for name in builtin if name not in known]
+        if unknown:
+            raise UserError(
+                f"unknown evaluation task {unknown[0]!r}; ours: {', '.join(TASK_NAMES)}; or any lm-eval task "
+                "name (lm-eval --tasks list)"
+            )
+    return ours, builtin
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """lm-eval's INFO/WARNING logs (e.g. "Passed an already-initialized model") are noise here."""
+    from unittest import mock
+
+    import lm_eval.api.task as lm_eval_task
+
+    logger = logging.getLogger("lm_eval")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        # the context-building bar (one per task, instant) is always off; generation bars follow `progress`
+        with mock.patch.object(lm_eval_task, "tqdm", functools.partial(lm_eval_task.tqdm, disable=True)):
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _preserved_rng() -> Iterator[None]:
+    """lm-eval seeds python, numpy and torch globally; give the caller (a training loop) its RNG back."""
+    import numpy as np
+    import torch
+
+    py_state, np_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+def evaluate(model, tokenizer, config: EvalConfig, progress: bool = True) -> EvalResult:
+    """Generate and score ``config.tasks`` with ``model`` (a transformers causal LM) and its tokenizer.
+
+    Raises :class:`UserError` for an unknown task name, a data problem of our sets (from
+    ``load_examples``) and a built-in lm-eval task that cannot load (e.g. offline).
+    """
+    import lm_eval
+
+    ours, builtin = _split_tasks(config.tasks)
+    was_training = model.training
+    result = EvalResult(
+        config=config, tasks={}, groups={}, cost={}, samples={}, lm_eval_version=_lm_eval_version()
+    )
+    try:
+        with _preserved_rng(), _quiet():
+            if ours:
+                _evaluate_ours(lm_eval, model, tokenizer, config, ours, progress, result)
+            if builtin:
+                _evaluate_builtin(lm_eval, model, tokenizer, config, builtin, progress, result)
+    finally:
+        model.train(was_training)
+    # the requested order of the leaf tasks
+    order = {name: i for i, name in enumerate(_leaf_order(config.tasks))}
+    result.tasks = dict(sorted(result.tasks.items(), key=lambda item: order.get(item[0], len(order))))
+    return result
+
+
+def _leaf_order(names: Sequence[str]) -> list[str]:
+    leaves: list[str] = []
+    for name in names:
+        leaves.extend(GROUP_TASKS if name == GROUP_NAME else [name])
+    return list(dict.fromkeys(leaves))
+
+
+def _lm_eval_version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("lm_eval")
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
+def _load_ours(config: EvalConfig, names: list[str]):
+    """Fresh Task/Group objects of our tasks with the config's generation kwargs (data errors: UserError)."""
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(
+        include_path=str(tasks_dir()), include_defaults=False, metadata={"data_dir": config.data_dir}
+    )
+    try:
+        loaded = manager.load(names)
+    except UserError:
+        raise
+    except Exception as exc:  # lm-eval wraps nothing today; a wrapped UserError is unwrapped here
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, UserError):
+            raise cause from None
+        raise
+    gen_kwargs = config.generation_kwargs()
+    for task in loaded["tasks"].values():
+        task.set_config(key="generation_kwargs", value=dict(gen_kwargs), update=False)
+    return manager, loaded
+
+
+def _evaluate_ours(lm_eval, model, tokenizer, config, names, progress, result: EvalResult) -> None:
+    hflm_class = _hflm_class()
+    lm = None
+    for seed in config.run_seeds:
+        manager, loaded = _load_ours(config, names)  # data problems surface before any generation
+        if lm is None:
+            lm = hflm_class(
+                pretrained=model,
+                tokenizer=tokenizer,
+                batch_size=config.batch_size,
+                max_length=config.max_prompt_tokens + config.max_new_tokens,
+                eos_token_ids=_eos_token_ids(model, tokenizer),
+                progress=progress,
+            )
+        lm.seed, lm.cost = seed, RunCost()
+        start = time.perf_counter()
+        out = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=[*loaded["groups"].values(), *_standalone(loaded)],
+            task_manager=manager,
+            limit=config.limit,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+            log_samples=True,
+            bootstrap_iters=0,
+        )
+        lm.cost.seconds = time.perf_counter() - start
+        result.cost[seed] = lm.cost
+        for name in loaded["tasks"]:
+            samples = [_sample(name, seed, row) for row in out["samples"][name]]
+            score = out["results"][name][f"{METRIC},none"]
+            task_result = result.tasks.setdefault(
+                name,
+                TaskResult(
+                    task=name,
+                    metric=METRIC,
+                    scores={},
+                    n=len(samples),
+                    truncated_prompts=_count_truncated(tokenizer, samples, config.max_prompt_tokens),
+                ),
+            )
+            task_result.scores[seed] = float(score)
+            result.samples.setdefault(name, {})[seed] = samples
+        for group in loaded["groups"]:
+            value = out["results"][group][f"{METRIC},none"]
+            result.groups.setdefault(group, {})[seed] = float(value)
+
+
+def _standalone(loaded) -> list:
+    """The loaded tasks that are not members of a loaded group."""
+    members = {task.task_name for group in loaded["groups"].values() for task in group.get_all_tasks()}
+    return [task for name, task in loaded["tasks"].items() if name not in members]
+
+
+def _sample(task: str, seed: int, row: dict) -> Sample:
+    doc = row["doc"]
+    prediction = row["filtered_resps"][0]
+    return Sample(
+        task=task,
+        seed=seed,
+        doc_id=int(row["doc_id"]),
+        uid=str(doc["uid"]),
+        prompt=str(doc["prompt"]),
+        prediction=str(prediction).strip(),
+        references=tuple(doc["references"]),
+        score=float(row[METRIC]),
+    )
+
+
+def _count_truncated(tokenizer, samples: list[Sample], max_prompt_tokens: int) -> int:
+    if not samples:
+        return 0
+    ids = tokenizer([s.prompt for s in samples])["input_ids"]  # with the prefix specials, as HFLM encodes
+    return sum(len(row) > max_prompt_tokens for row in ids)
+
+
+def _evaluate_builtin(lm_eval, model, tokenizer, config, names, progress, result: EvalResult) -> None:
+    from ctkd_bench.data.sources import hub_reachable
+
+    manager = _default_task_manager()
+    seed = config.run_seeds[0]
+    loaded_tasks = {}
+    loaded_groups = {}
+    for name in names:
+        try:
+            loaded = manager.load([name])
+        except Exception as exc:
+            raise _builtin_error(name, exc, hub_reachable()) from exc
+        loaded_tasks.update(loaded["tasks"])
+        loaded_groups.update(loaded["groups"])
+    lm = _hflm_class()(
+        pretrained=model,
+        tokenizer=tokenizer,
+        batch_size=config.batch_size,
+        eos_token_ids=_eos_token_ids(model, tokenizer),
+        progress=progress,
+    )
+    lm.seed = seed
+    start = time.perf_counter()
+    tops = [*loaded_groups.values(), *_standalone({"tasks": loaded_tasks, "groups": loaded_groups})]
+    try:
+        out = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=tops,
+            task_manager=manager,
+            limit=config.limit,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+            log_samples=True,
+            bootstrap_iters=0,
+        )
+    except Exception as exc:
+        raise _builtin_error(", ".join(names), exc, hub_reachable()) from exc
+    cost = result.cost.setdefault(seed, RunCost())
+    cost.seconds += time.perf_counter() - start
+    cost.generate_seconds += lm.cost.generate_seconds
+    cost.generated_tokens += lm.cost.generated_tokens
+    for name in loaded_tasks:
+        metrics = {
+            key.split(",")[0]: float(value)
+            for key, value in out["results"][name].items()
+            if "_stderr" not in key and isinstance(value, (int, float)) and not isinstance(value, bool)
+        }
+        metrics = {k: v for k, v in metrics.items() if not math.isnan(v)}
+        if not metrics:
+            continue
+        metric = next(iter(metrics))
+        rows = out["samples"].get(name, [])
+        result.tasks[name] = TaskResult(
+            task=name, metric=metric, scores={seed: metrics[metric]}, n=len(rows), metrics={seed: metrics}
+        )
+        result.samples.setdefault(name, {})[seed] = [
+            Sample(
+                task=name,
+                seed=seed,
+                doc_id=int(row["doc_id"]),
+                uid=str(row.get("doc_hash", row["doc_id"])),
+                prompt=str(row["arguments"][0][0]) if row.get("arguments") else "",
+                prediction=str(row["filtered_resps"][0]) if row.get("filtered_resps") else "",
+                references=(str(row.get("target", "")),),
+                score=float(row.get(metric, float("nan"))),
+            )
+            for row in rows
+        ]
+    for group in loaded_groups:
+        values = [
+            v
+            for k, v in out["results"].get(group, {}).items()
+            if "_stderr" not in k and isinstance(v, (int, float)) and not isinstance(v, bool)
+        ]
+        if values:
+            result.groups.setdefault(group, {})[seed] = float(values[0])
+
+
+def _builtin_error(name: str, exc: BaseException, reachable: bool) -> UserError:
+    if isinstance(exc, UserError):
+        return exc
+    if not reachable:
+        return UserError(
+            f"task {name!r} needs the Hugging Face hub to download its data set, and the hub is not "
+            f"reachable here (offline); run it where the hub is reachable or choose one of ours "
+            f"({', '.join(TASK_NAMES)}) [{_one_line(exc, 160)}]"
+        )
+    return UserError(f"task {name!r}: lm-eval could not load or run it ({_one_line(exc)})")

@@ -1,0 +1,116 @@
+"""Evaluation wired into the CLI: `run --eval-tasks`, `--eval-every` dev selection, `ctkd-bench eval`."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from rouge_score import rouge_scorer
+
+from ctkd_bench.cli import ablation_table, main
+from ctkd_bench.runner import RunOutcome
+
+TINY_PAIR = "tiny-gemma3:tiny-smollm2"
+FAST = ["--steps", "2", "--batch-size", "2", "--max-length", "96", "--no-progress"]
+SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+def _samples(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _check_samples_against_rouge(samples: list[dict]) -> None:
+    for s in samples:
+        expected = 100 * max(SCORER.score(r, s["prediction"])["rougeL"].fmeasure for r in s["references"])
+        assert s["score"] == pytest.approx(expected)
+
+
+def test_run_with_eval_tasks_writes_metrics_and_a_samples_file(tmp_path, shared_data):
+    args = ["run", "--methods", "sft", "--pair", TINY_PAIR, "--data", "dolly", "--data-dir", str(shared_data)]
+    args += ["--results-dir", str(tmp_path), *FAST, "--eval-tasks", "dolly", "--eval-limit", "4", "--greedy"]
+    assert main(args) == 0
+    [path] = sorted(tmp_path.glob("*.json"))
+    record = json.loads(path.read_text())
+    dolly = record["eval"]["tasks"]["dolly"]
+    assert dolly["n"] == 4 and dolly["metric"] == "rougeL" and dolly["std"] is None
+    assert list(dolly["per_seed"]) == ["10"] and math.isfinite(dolly["mean"])
+    assert record["eval"]["protocol"]["mode"] == "greedy" and record["identity"]["evaluation"]["limit"] == 4
+    samples = _samples(tmp_path / record["eval"]["samples_file"])
+    assert len(samples) == 4 and {s["task"] for s in samples} == {"dolly"}
+    _check_samples_against_rouge(samples)
+    assert dolly["mean"] == pytest.approx(sum(s["score"] for s in samples) / 4)
+
+
+def test_eval_command_prints_a_table_and_writes_a_record(tmp_path, shared_data, capsys):
+    args = ["eval", "--model", "tiny-smollm2", "--tasks", "dolly,vicuna", "--data-dir", str(shared_data)]
+    args += ["--eval-limit", "3", "--greedy", "--results-dir", str(tmp_path), "--no-progress"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "| dolly |" in out and "| vicuna |" in out and "| **average** |" in out and "tokens/s" in out
+    [path] = sorted(tmp_path.glob("eval__*.json"))
+    record = json.loads(path.read_text())
+    assert record["kind"] == "eval" and set(record["eval"]["tasks"]) == {"dolly", "vicuna"}
+    means = [record["eval"]["tasks"][t]["mean"] for t in ("dolly", "vicuna")]
+    assert record["eval"]["average"]["mean"] == pytest.approx(sum(means) / 2)
+    samples = _samples(tmp_path / record["eval"]["samples_file"])
+    assert len(samples) == 6
+    _check_samples_against_rouge(samples)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            ["--tasks", "dolly", "--eval-seeds", "10,x"],
+            "--eval-seeds '10,x': expected comma-separated integers",
+        ),
+        (["--tasks", "no-such-task"], "no-such-task"),
+    ],
+)
+def test_eval_bad_input_is_one_line_and_exit_2(extra, message, capsys, shared_data):
+    args = ["eval", "--model", "tiny-smollm2", "--data-dir", str(shared_data), "--eval-limit", "1", *extra]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_ablation_table_shows_eval_scores_as_mean_and_std():
+    def record(name, dolly, vicuna, average):
+        return {
+            "ablation": name,
+            "status": "finished",
+            "losses": {"final": {"loss": 1.0, "ce": 2.0}},
+            "cost": {"seconds_per_step": 1.5, "peak_memory_mb": 100.0},
+            "eval": {
+                "tasks": {"dolly": dolly, "vicuna": vicuna},
+                "average": average,
+            },
+        }
+
+    rows = [
+        (
+            RunOutcome("sra/full", Path("full.json"), "finished"),
+            record(
+                "full", {"mean": 20.0, "std": 1.0}, {"mean": 10.0, "std": 0.5}, {"mean": 15.0, "std": 0.7}
+            ),
+        ),
+        (
+            RunOutcome("sra/no-regularizer", Path("nr.json"), "finished"),
+            record("no-regularizer", {"mean": 18.25, "std": None}, {"mean": 12.0, "std": None}, None),
+        ),
+    ]
+    lines = ablation_table(rows).splitlines()
+    assert lines[0] == "| ablation | status | loss | ce | dolly | vicuna | average | s/step | peak MB |"
+    assert (
+        lines[2]
+        == "| full | finished | 1.0000 | 2.0000 | 20.00 ± 1.00 | 10.00 ± 0.50 | 15.00 ± 0.70 | 1.50 | 100 |"
+    )
+    assert lines[3] == "| no-regularizer | finished | 1.0000 | 2.0000 | 18.25 | 12.00 | – | 1.50 | 100 |"
