@@ -177,6 +177,14 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         help="also keep each trained student as a Hugging Face folder DIR/<record name>/",
     )
     out.add_argument("--force", action="store_true", help="redo runs whose finished record exists")
+    out.add_argument(
+        "--checkpoint-every",
+        type=_non_negative_int,
+        default=0,
+        metavar="N",
+        help="save the training state every N steps (under RESULTS/.checkpoints/); a re-run resumes a "
+        "killed run from it (default: 0, off)",
+    )
     ev = p.add_argument_group("evaluation of the trained students")
     ev.add_argument(
         "--eval-tasks",
@@ -214,6 +222,13 @@ def _add_eval_args(g) -> None:
         metavar="N",
         help="generation batch size (default: 8)",
     )
+    g.add_argument(
+        "--eval-max-new-tokens",
+        type=_positive_int,
+        default=256,
+        metavar="N",
+        help="generation budget per answer (default: 256, the protocol; lower it for quick CPU checks)",
+    )
 
 
 def _eval_config(args, tasks: str | None):
@@ -237,6 +252,7 @@ def _eval_config(args, tasks: str | None):
         seeds=seeds[:1] if args.greedy else seeds,
         greedy=args.greedy,
         batch_size=args.eval_batch_size,
+        max_new_tokens=args.eval_max_new_tokens,
     )
 
 
@@ -259,11 +275,52 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--methods",
-        required=True,
         metavar="M1,M2",
-        help="comma-separated method names (see `ctkd-bench list`)",
+        help="comma-separated method names (see `ctkd-bench list`); or give --config",
     )
     _add_run_args(run)
+    sweep = run.add_argument_group("experiment files and launchers")
+    sweep.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE.yaml",
+        help="run an experiment file (pairs x methods x seeds x eval settings; see the README) instead of "
+        "--methods/--pair/... flags; a re-run skips finished records and resumes checkpointed runs",
+    )
+    sweep.add_argument(
+        "--launcher",
+        choices=["inline", "local", "slurm"],
+        default="inline",
+        help="with --config: inline runs here (default); local runs one subprocess per run through "
+        "submitit; slurm submits one job array (one task per run) through submitit",
+    )
+    sweep.add_argument(
+        "--wait", action="store_true", help="local/slurm: wait for the jobs and print their statuses"
+    )
+    sweep.add_argument("--slurm-partition", metavar="NAME", help="SLURM partition")
+    sweep.add_argument("--slurm-account", metavar="NAME", help="SLURM account")
+    sweep.add_argument(
+        "--slurm-time",
+        type=_positive_int,
+        default=24 * 60,
+        metavar="MIN",
+        help="time limit per run (default: 1440)",
+    )
+    sweep.add_argument(
+        "--slurm-gpus", type=_non_negative_int, default=1, metavar="N", help="GPUs per run (default: 1)"
+    )
+    sweep.add_argument(
+        "--slurm-cpus", type=_positive_int, default=8, metavar="N", help="CPUs per run (default: 8)"
+    )
+    sweep.add_argument(
+        "--slurm-mem", type=_positive_int, default=64, metavar="GB", help="memory per run in GB (default: 64)"
+    )
+    sweep.add_argument(
+        "--slurm-parallel",
+        type=_positive_int,
+        metavar="N",
+        help="at most N array tasks at once (default: all)",
+    )
 
     ablate = sub.add_parser(
         "ablate",
@@ -382,6 +439,14 @@ def _cmd_run(args) -> int:
     from ctkd_bench.api import get_method
     from ctkd_bench.runner import MethodRun, run
 
+    if args.config is not None:
+        return _run_config(args)
+    if args.methods is None:
+        raise UserError(
+            "give --methods M1,M2 (see `ctkd-bench list`) or an experiment file with --config FILE.yaml"
+        )
+    if args.launcher != "inline":
+        raise UserError(f"--launcher {args.launcher} needs an experiment file (--config FILE.yaml)")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
         raise UserError("--methods is empty; name at least one method (see `ctkd-bench list`)")
@@ -394,6 +459,53 @@ def _cmd_run(args) -> int:
     outcomes = run(request)
     failed = [o for o in outcomes if o.status == "failed"]
     return 1 if failed else 0
+
+
+# flags that still apply with --config; every other `run` flag is a setting of the experiment file
+_WITH_CONFIG = {"command", "config", "launcher", "wait", "results_dir", "force", "no_progress"}
+
+
+def _run_config(args) -> int:
+    from ctkd_bench import sweep
+
+    defaults = vars(build_parser().parse_args(["run", "--config", str(args.config)]))
+    clashing = [
+        name
+        for name, value in vars(args).items()
+        if name not in _WITH_CONFIG and not name.startswith("slurm_") and value != defaults.get(name)
+    ]
+    if clashing:
+        raise UserError(
+            f"--{clashing[0].replace('_', '-')} cannot be combined with --config: set it in the experiment "
+            "file (see the README's experiment file section)"
+        )
+    experiment = sweep.load_experiment(args.config)
+    if args.results_dir != Path("results"):
+        experiment.results_dir = args.results_dir.expanduser().resolve()
+    jobs = experiment.jobs()
+    print(
+        f"experiment {experiment.name}: {len(experiment.pairs)} pair(s) x {len(experiment.methods)} method run(s) "
+        f"x {len(experiment.seeds)} seed(s) = {len(jobs)} run(s) -> {experiment.results_dir}"
+    )
+    if args.launcher == "inline":
+        outcomes, broken = sweep.run_inline(experiment, force=args.force, progress=not args.no_progress)
+        statuses = [o.status for o in outcomes]
+        print(sweep.summary_line(statuses, len(broken)))
+        return 1 if broken or "failed" in statuses else 0
+    slurm = {
+        "slurm_partition": args.slurm_partition,
+        "slurm_account": args.slurm_account,
+        "timeout_min": args.slurm_time,
+        "gpus_per_node": args.slurm_gpus,
+        "cpus_per_task": args.slurm_cpus,
+        "mem_gb": args.slurm_mem,
+        "slurm_array_parallelism": args.slurm_parallel,
+    }
+    statuses = sweep.submit(experiment, args.launcher, force=args.force, wait=args.wait, slurm=slurm)
+    if statuses is None:
+        return 0
+    print(sweep.summary_line(statuses))
+    return 1 if "failed" in statuses else 0
 
 
 def _request(args, methods):
@@ -414,6 +526,9 @@ def _request(args, methods):
         progress=not args.no_progress,
         evaluation=_eval_config(args, args.eval_tasks),
         eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every,
+        # dev selection honours --eval-limit/--greedy/--eval-max-new-tokens even without --eval-tasks
+        selection=_eval_config(args, "dolly_dev") if args.eval_every else None,
     )
 
 

@@ -113,6 +113,9 @@ class RunRequest:
     keep_students: bool = False  # return the trained student models in the outcomes (finetune)
     evaluation: Any = None  # an evaluation.EvalConfig: score every trained student on its tasks
     eval_every: int = 0  # evaluate on dolly dev every N steps and keep the best checkpoint (0: off)
+    selection: Any = None  # an evaluation.EvalConfig for the dev selection (default: from `evaluation`)
+    checkpoint_every: int = 0  # save the training state every N steps; a re-run resumes from it (0: off)
+    keep_going: bool = False  # record any error of one run as a failed record and go on (sweeps)
 
 
 @dataclass
@@ -323,6 +326,12 @@ def _identity(
         "num_processes": num_processes,  # data-parallel processes: the global batch is batch_size x this
         "evaluation": asdict(request.evaluation) if request.evaluation is not None else None,
         "eval_every": request.eval_every,
+        # only when selecting, so that records without selection keep their hash
+        **(
+            {"selection": asdict(request.selection) if request.selection is not None else None}
+            if request.eval_every
+            else {}
+        ),
     }
 
 
@@ -352,6 +361,58 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+def _is_out_of_memory(err: BaseException) -> bool:
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    return isinstance(err, (RuntimeError, MemoryError)) and (
+        isinstance(err, MemoryError) or "out of memory" in str(err).lower()
+    )
+
+
+class Checkpoint:
+    """The training state of one run, saved every N steps so that a killed run resumes where it was.
+
+    One file per run record (``RESULTS/.checkpoints/<record stem>.pt``; the stem holds the config hash, so
+    a checkpoint is only ever resumed by the very same run). Written through a temp file and
+    ``os.replace``: a kill while saving leaves the previous checkpoint intact. Deleted once the run's
+    record is written.
+    """
+
+    def __init__(self, record_path: Path, every: int) -> None:
+        self.every = every
+        self.path = record_path.parent / ".checkpoints" / (record_path.stem + ".pt")
+
+    def due(self, step: int, last: int) -> bool:
+        return self.every > 0 and step % self.every == 0 and step < last
+
+    def load(self) -> dict[str, Any] | None:
+        if self.every <= 0 or not self.path.exists():
+            return None
+        try:
+            return torch.load(self.path, map_location="cpu", weights_only=False)
+        except Exception as err:  # a corrupt checkpoint costs the run, never the sweep
+            raise UserError(
+                f"checkpoint {self.path} cannot be read ({type(err).__name__}); delete it to restart that run"
+            ) from None
+
+    def save(self, state: dict[str, Any]) -> None:
+        import os
+        import tempfile
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix="." + self.path.name, suffix=".tmp")
+        os.close(fd)
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 def train_one(
     *,
     accelerator,
@@ -367,6 +428,7 @@ def train_one(
     same: bool,
     stream: list[EncodedExample],
     request: RunRequest,
+    checkpoint: Checkpoint | None = None,
 ) -> dict[str, Any]:
     """Train one student with one method; returns the record body (losses, cost)."""
     train = request.train
@@ -417,14 +479,32 @@ def train_one(
     step_seconds: list[float] = []
     teacher_seconds: list[float] = []
     batches: Iterator[DistillBatch] = iter(loader)
+    resumed = checkpoint.load() if checkpoint is not None else None
+    first = 1
+    if resumed is not None:
+        accelerator.unwrap_model(trainee).load_state_dict(resumed["trainee"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        curve, step_seconds, teacher_seconds = (
+            resumed["curve"],
+            resumed["step_seconds"],
+            resumed["teacher_seconds"],
+        )
+        selection.load_state(resumed.get("selection"))
+        first = resumed["step"] + 1
+        for _ in range(resumed["step"] * train.grad_accum):  # the same batches, in the same order
+            next(batches)
+        torch.set_rng_state(resumed["rng"])
     bar = (
         _progress(request, train.steps, f"{run.label} {student_spec.short}")
         if accelerator.is_main_process
         else None
     )
+    if bar is not None and first > 1:
+        bar.update(first - 1)
     device = accelerator.device
     with PeakMemory(device.type) as memory:
-        for step in range(1, train.steps + 1):
+        for step in range(first, train.steps + 1):
             started = time.perf_counter()
             sums: dict[str, float] = {}
             t_time = 0.0
@@ -439,7 +519,7 @@ def train_one(
                 with accelerator.accumulate(trainee):
                     loss, terms = trainee(batch, t_out)
                     if not torch.isfinite(loss):
-                        bad = {k: float(v) for k, v in terms.items()}
+                        bad = {k: float(v.detach()) for k, v in terms.items()}
                         raise NonFiniteLoss(f"non-finite loss at step {step}: {bad}")
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
@@ -468,6 +548,22 @@ def train_one(
                 bar.update(1)
             if request.eval_every and (step % request.eval_every == 0 or step == train.steps):
                 selection.observe(step, accelerator.unwrap_model(trainee).student, student_tok)
+            if checkpoint is not None and checkpoint.due(step, train.steps):
+                accelerator.wait_for_everyone()
+                if accelerator.is_main_process:
+                    checkpoint.save(
+                        {
+                            "step": step,
+                            "trainee": accelerator.unwrap_model(trainee).state_dict(),
+                            "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(),
+                            "curve": curve,
+                            "step_seconds": step_seconds,
+                            "teacher_seconds": teacher_seconds,
+                            "selection": selection.state(),
+                            "rng": torch.get_rng_state(),
+                        }
+                    )
     if bar is not None:
         bar.close()
     selection.restore_best(accelerator.unwrap_model(trainee).student)
@@ -503,6 +599,9 @@ def train_one(
     }
     if request.eval_every:
         body["selection"] = selection.summary()
+    if resumed is not None:
+        # peak memory covers only the steps after the resume; step times were kept in the checkpoint
+        body["resumed_from_step"] = resumed["step"]
     unwrapped = accelerator.unwrap_model(trainee)
     body["_student"] = unwrapped.student
     return body
@@ -519,7 +618,7 @@ class DevSelection:
 
             from ctkd_bench.evaluation import EvalConfig
 
-            base = request.evaluation or EvalConfig(data_dir=request.data_dir)
+            base = request.selection or request.evaluation or EvalConfig(data_dir=request.data_dir)
             self.config = dc_replace(base, tasks=("dolly_dev",), seeds=base.seeds[:1])
         self.curve: list[dict[str, float]] = []
         self.best: tuple[int, float, dict[str, torch.Tensor]] | None = None
@@ -533,6 +632,13 @@ class DevSelection:
         if self.best is None or score > self.best[1]:
             state = {k: v.detach().to("cpu", copy=True) for k, v in student.state_dict().items()}
             self.best = (step, score, state)
+
+    def state(self) -> dict[str, Any] | None:
+        return {"curve": self.curve, "best": self.best} if self.enabled else None
+
+    def load_state(self, state: dict[str, Any] | None) -> None:
+        if state is not None:
+            self.curve, self.best = state["curve"], state["best"]
 
     def restore_best(self, student) -> None:
         if self.best is not None:
@@ -578,6 +684,8 @@ def run(request: RunRequest, log=print) -> list[RunOutcome]:
     device = resolve_device(request.device)
     if request.eval_every < 0:
         raise UserError(f"--eval-every must be >= 0, got {request.eval_every}")
+    if request.checkpoint_every < 0:
+        raise UserError(f"--checkpoint-every must be >= 0, got {request.checkpoint_every}")
     if not request.progress:
         from transformers.utils import logging as hf_logging
 
@@ -717,12 +825,23 @@ def _run_pair(
                 same=same,
                 stream=stream,
                 request=request,
+                checkpoint=Checkpoint(path, request.checkpoint_every),
             )
-        except NonFiniteLoss as err:
-            record.update(status="failed", failure=str(err), finished_at=now())
+        except Exception as err:
+            if isinstance(err, NonFiniteLoss):
+                failure = str(err)
+            elif _is_out_of_memory(err):
+                failure = f"out of memory: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            elif request.keep_going:
+                failure = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".strip()
+            else:
+                raise
+            record.update(status="failed", failure=failure, finished_at=now())
             if accelerator.is_main_process:
                 write_atomic(path, record)
-            log(f"FAILED {run_.label}: {err}; record {path}")
+            log(f"FAILED {run_.label} {teacher_name}:{student_spec.short}: {failure}; record {path}")
             outcomes.append(RunOutcome(run_.label, path, "failed", record))
             continue
         trained = body.pop("_student")
@@ -743,6 +862,7 @@ def _run_pair(
         record.update(body, status="finished", finished_at=now())
         if accelerator.is_main_process:
             write_atomic(path, record)
+            Checkpoint(path, request.checkpoint_every).clear()
         final = record["losses"]["final"]
         log(
             f"done {run_.label} {teacher_name}:{student_spec.short}: "

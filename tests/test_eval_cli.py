@@ -114,3 +114,48 @@ def test_ablation_table_shows_eval_scores_as_mean_and_std():
         == "| full | finished | 1.0000 | 2.0000 | 20.00 ± 1.00 | 10.00 ± 0.50 | 15.00 ± 0.70 | 1.50 | 100 |"
     )
     assert lines[3] == "| no-regularizer | finished | 1.0000 | 2.0000 | 18.25 | 12.00 | – | 1.50 | 100 |"
+
+
+def test_eval_every_selects_the_best_dev_checkpoint_without_eval_tasks(tmp_path, shared_data):
+    # no --eval-tasks: the dev selection still honours --eval-limit, --greedy and --eval-max-new-tokens
+    args = ["run", "--methods", "sft", "--pair", TINY_PAIR, "--data", "dolly", "--data-dir", str(shared_data)]
+    args += ["--results-dir", str(tmp_path), *FAST, "--lr", "5e-2", "--eval-every", "1"]
+    args += [
+        "--eval-limit",
+        "2",
+        "--greedy",
+        "--eval-max-new-tokens",
+        "8",
+        "--save-model",
+        str(tmp_path / "m"),
+    ]
+    assert main(args) == 0
+    [path] = sorted(tmp_path.glob("*.json"))
+    record = json.loads(path.read_text())
+    selection = record["selection"]
+    assert [point["step"] for point in selection["curve"]] == [1, 2]
+    scores = [point["dolly_dev_rougeL"] for point in selection["curve"]]
+    assert all(math.isfinite(s) for s in scores)
+    assert selection["best_score"] == max(scores)
+    assert selection["best_step"] == [1, 2][scores.index(max(scores))]
+    config = selection["config"]
+    assert config["tasks"] == ["dolly_dev"] and config["limit"] == 2 and config["max_new_tokens"] == 8
+    assert config["greedy"] is True
+    assert "eval" not in record  # nothing was scored on a test set
+    assert record["identity"]["selection"]["max_new_tokens"] == 8
+    # the student that was kept is the best checkpoint: scoring it again gives the best dev score
+    [folder] = (tmp_path / "m").iterdir()
+    again = ["eval", "--model", str(folder), "--tasks", "dolly_dev", "--data-dir", str(shared_data)]
+    again += [
+        "--eval-limit",
+        "2",
+        "--greedy",
+        "--eval-max-new-tokens",
+        "8",
+        "--results-dir",
+        str(tmp_path / "e"),
+    ]
+    assert main([*again, "--no-progress"]) == 0
+    [scored] = (tmp_path / "e").glob("eval__*.json")
+    rescored = json.loads(scored.read_text())["eval"]["tasks"]["dolly_dev"]["mean"]
+    assert rescored == pytest.approx(selection["best_score"], abs=1e-6)

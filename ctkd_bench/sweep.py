@@ -1,0 +1,378 @@
+"""Experiment files: pairs x methods x seeds x evaluation settings, expanded into runs and launched.
+
+An experiment file is YAML (``ctkd-bench run --config FILE.yaml``)::
+
+    name: dolly-small                 # default: the file's stem (its folder's name for experiment.yaml)
+    results_dir: results/dolly-small  # default: results/<name>
+    pairs: [gemma3-270m:smollm2-135m]
+    methods:
+      - sft
+      - token-kld
+      - {method: sra, set: {lambda_geo: 10}, ablations: all}   # or a list of ablation names
+    seeds: [10, 20, 30]
+    data: dolly
+    data_dir: ../shared/data
+    train: {steps: 200, batch_size: 4, max_length: 512}       # any TrainConfig field but seed
+    eval: {tasks: ctkd-instruct, limit: 100, greedy: true}    # EvalConfig fields; omit: no evaluation
+    eval_every: 0
+    checkpoint_every: 50
+    device: auto
+
+Relative paths are taken from the working directory, like the command line's, and made absolute when
+the file is read, so that cluster jobs do not depend on where they start.
+
+Each (pair, method, ablation, seed) is one run with its own record; its identity hash decides whether
+a finished record exists, so a re-run of the same file skips what is done and resumes the run that
+was in progress from its last checkpoint. A run that fails (NaN/Inf loss, out of memory, any error) is
+recorded as failed with the reason, and the sweep goes on; a re-run retries it.
+
+Launchers: ``inline`` (this process; the teacher of a pair is loaded once per seed), ``local``
+(``submitit``'s local executor: one subprocess per run, as a cluster would run them) and ``slurm``
+(one SLURM job array, one array task per run, all writing into the shared results folder).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ctkd_bench.errors import UserError
+
+KEYS = {
+    "name",
+    "results_dir",
+    "pairs",
+    "methods",
+    "seeds",
+    "data",
+    "data_dir",
+    "train",
+    "eval",
+    "eval_every",
+    "checkpoint_every",
+    "device",
+    "save_model",
+}
+LAUNCHERS = ("inline", "local", "slurm")
+
+
+@dataclass
+class Experiment:
+    """A parsed experiment file (see the module docstring)."""
+
+    name: str
+    source: Path
+    results_dir: Path
+    pairs: list[str]
+    methods: list[dict[str, Any]]  # {"method", "ablation", "overrides"}
+    seeds: list[int]
+    data: str = "sharegpt"
+    data_dir: str | None = None
+    train: dict[str, Any] = field(default_factory=dict)
+    eval: dict[str, Any] | None = None
+    eval_every: int = 0
+    checkpoint_every: int = 0
+    device: str = "auto"
+    save_model: str | None = None
+
+    def jobs(self) -> list[dict[str, Any]]:
+        """Every run of the experiment as a plain, picklable dict (one cluster array task each)."""
+        shared = {
+            "data": self.data,
+            "data_dir": self.data_dir,
+            "train": self.train,
+            "eval": self.eval,
+            "eval_every": self.eval_every,
+            "checkpoint_every": self.checkpoint_every,
+            "device": self.device,
+            "save_model": self.save_model,
+            "results_dir": str(self.results_dir),
+        }
+        return [
+            {"pair": pair, "seed": seed, **method, **shared}
+            for pair in self.pairs
+            for seed in self.seeds
+            for method in self.methods
+        ]
+
+
+def _where(source: Path, key: str) -> str:
+    return f"{source}: {key}"
+
+
+def _absolute(value: str | None) -> str | None:
+    return None if value is None else str(Path(value).expanduser().resolve())
+
+
+def _as_list(value: Any, source: Path, key: str) -> list[Any]:
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(value, list):
+        return value
+    raise UserError(f"{_where(source, key)} must be a list (or a comma-separated string), not {value!r}")
+
+
+def _methods(items: list[Any], source: Path) -> list[dict[str, Any]]:
+    from ctkd_bench.api import apply_overrides, get_method
+
+    out: list[dict[str, Any]] = []
+    for item in items:
+        if isinstance(item, str):
+            name, _, ablation = item.partition("@")
+            item = {"method": name, **({"ablations": [ablation]} if ablation else {})}
+        if not isinstance(item, dict) or "method" not in item:
+            raise UserError(
+                f"{_where(source, 'methods')}: each entry is a method name or a mapping with a 'method' key, "
+                f"not {item!r}"
+            )
+        unknown = set(item) - {"method", "set", "ablations"}
+        if unknown:
+            raise UserError(
+                f"{_where(source, 'methods')}: unknown key {sorted(unknown)[0]!r} for {item['method']}; "
+                "allowed: method, set, ablations"
+            )
+        cls = get_method(str(item["method"]))
+        overrides = {str(k): str(v) for k, v in (item.get("set") or {}).items()}
+        apply_overrides(cls.Config(), overrides, cls.name)  # bad settings fail before anything runs
+        ablations = item.get("ablations")
+        if ablations is None:
+            out.append({"method": cls.name, "ablation": None, "overrides": overrides})
+            continue
+        names = list(cls.ablations) if ablations == "all" else _as_list(ablations, source, "ablations")
+        if not cls.ablations:
+            raise UserError(f"{_where(source, 'methods')}: {cls.name} declares no ablations")
+        for name in names:
+            if name not in cls.ablations:
+                raise UserError(
+                    f"{_where(source, 'methods')}: {cls.name} has no ablation {name!r}; "
+                    f"its ablations: {', '.join(cls.ablations)}"
+                )
+            out.append(
+                {"method": cls.name, "ablation": name, "overrides": {**cls.ablations[name], **overrides}}
+            )
+    seen = set()
+    for m in out:
+        key = (m["method"], m["ablation"], tuple(sorted(m["overrides"].items())))
+        if key in seen:
+            raise UserError(
+                f"{_where(source, 'methods')}: {m['method']} is listed twice with the same settings"
+            )
+        seen.add(key)
+    return out
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    """Read and validate an experiment file; every mistake is one line naming the file and the key."""
+    import yaml
+
+    from ctkd_bench import zoo
+    from ctkd_bench.runner import TrainConfig
+
+    source = Path(path)
+    if not source.is_file():
+        raise UserError(f"--config {source}: no such file")
+    try:
+        raw = yaml.safe_load(source.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise UserError(f"{source}: not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: expected a mapping of settings (pairs, methods, seeds, ...)")
+    unknown = sorted(set(raw) - KEYS)
+    if unknown:
+        raise UserError(f"{source}: unknown key {unknown[0]!r}; allowed: {', '.join(sorted(KEYS))}")
+    for key in ("pairs", "methods"):
+        if not raw.get(key):
+            raise UserError(f"{source}: '{key}' is missing or empty")
+    name = str(raw.get("name") or (source.parent.name if source.stem == "experiment" else source.stem))
+    pairs = [str(p) for p in _as_list(raw["pairs"], source, "pairs")]
+    for pair in pairs:
+        zoo.parse_pair(pair)  # malformed pairs fail now (loading happens per run)
+    try:
+        seeds = [int(s) for s in _as_list(raw.get("seeds", [TrainConfig().seed]), source, "seeds")]
+    except (TypeError, ValueError):
+        raise UserError(f"{_where(source, 'seeds')} must be integers, e.g. [10, 20, 30]") from None
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"{_where(source, 'seeds')} repeat a seed: {seeds}")
+    train = dict(raw.get("train") or {})
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"seed"}
+    bad = sorted(set(train) - fields)
+    if bad:
+        raise UserError(
+            f"{_where(source, 'train')}: unknown setting {bad[0]!r}"
+            + (" (seeds go in the top-level 'seeds' list)" if bad[0] == "seed" else "")
+            + f"; allowed: {', '.join(sorted(fields))}"
+        )
+    try:
+        TrainConfig(**train).validate()
+    except TypeError as err:
+        raise UserError(f"{_where(source, 'train')}: {err}") from None
+    evaluation = raw.get("eval")
+    if evaluation is not None:
+        evaluation = _eval_settings(evaluation, source, raw.get("data_dir"))
+    experiment = Experiment(
+        name=name,
+        source=source.resolve(),
+        results_dir=Path(_absolute(str(raw.get("results_dir") or Path("results") / name))),
+        pairs=pairs,
+        methods=_methods(_as_list(raw["methods"], source, "methods"), source),
+        seeds=seeds,
+        data=str(raw.get("data", "sharegpt")),
+        data_dir=_absolute(raw.get("data_dir")),
+        train=train,
+        eval=evaluation,
+        eval_every=_count(raw.get("eval_every", 0), source, "eval_every"),
+        checkpoint_every=_count(raw.get("checkpoint_every", 0), source, "checkpoint_every"),
+        device=str(raw.get("device", "auto")),
+        save_model=_absolute(raw.get("save_model")),
+    )
+    if experiment.device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"{_where(source, 'device')} must be auto, cpu or cuda, not {experiment.device!r}")
+    return experiment
+
+
+def _count(value: Any, source: Path, key: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise UserError(f"{_where(source, key)} must be a whole number >= 0, not {value!r}")
+    return value
+
+
+def _eval_settings(value: Any, source: Path, data_dir: str | None) -> dict[str, Any]:
+    from ctkd_bench.evaluation import EvalConfig
+
+    if not isinstance(value, dict) or not value.get("tasks"):
+        raise UserError(
+            f"{_where(source, 'eval')} needs at least 'tasks', e.g. eval: {{tasks: ctkd-instruct}}"
+        )
+    allowed = {f.name for f in dataclasses.fields(EvalConfig)} - {"data_dir"}
+    bad = sorted(set(value) - allowed)
+    if bad:
+        raise UserError(
+            f"{_where(source, 'eval')}: unknown setting {bad[0]!r}; allowed: {', '.join(sorted(allowed))}"
+        )
+    settings = dict(value)
+    if isinstance(settings["tasks"], list):
+        settings["tasks"] = ",".join(str(t) for t in settings["tasks"])
+    if "seeds" in settings:
+        settings["seeds"] = _as_list(settings["seeds"], source, "eval.seeds")
+    if settings.get("greedy"):
+        settings["seeds"] = list(settings.get("seeds") or EvalConfig().seeds)[:1]
+    EvalConfig(**settings, data_dir=_absolute(data_dir))  # bad values fail now
+    return settings
+
+
+# ------------------------------------------------------------------------------------------- runs
+
+
+def request_for(jobs: list[dict[str, Any]], *, force: bool = False, progress: bool = True):
+    """One RunRequest for jobs that share a pair, a seed and the settings (the teacher loads once)."""
+    from ctkd_bench import zoo
+    from ctkd_bench.evaluation import EvalConfig
+    from ctkd_bench.runner import MethodRun, RunRequest, TrainConfig
+
+    first = jobs[0]
+    evaluation = EvalConfig(**first["eval"], data_dir=first["data_dir"]) if first["eval"] else None
+    selection = None
+    if first["eval_every"]:
+        base = evaluation or EvalConfig(data_dir=first["data_dir"])
+        selection = dataclasses.replace(base, tasks=("dolly_dev",))
+    return RunRequest(
+        methods=[MethodRun(j["method"], j["ablation"], dict(j["overrides"])) for j in jobs],
+        pairs=[zoo.parse_pair(first["pair"])],
+        data=first["data"],
+        data_dir=first["data_dir"],
+        train=TrainConfig(**first["train"], seed=first["seed"]),
+        results_dir=Path(first["results_dir"]),
+        device=first["device"],
+        save_model=Path(first["save_model"]) if first["save_model"] else None,
+        force=force,
+        progress=progress,
+        evaluation=evaluation,
+        eval_every=first["eval_every"],
+        selection=selection,
+        checkpoint_every=first["checkpoint_every"],
+        keep_going=True,
+    )
+
+
+def run_job(job: dict[str, Any], force: bool = False) -> str:
+    """Run one job (one array task of a cluster launch); returns its status."""
+    from ctkd_bench.runner import run
+
+    [outcome] = run(request_for([job], force=force, progress=False))
+    return outcome.status
+
+
+def run_inline(experiment: Experiment, *, force: bool = False, progress: bool = True, log=print):
+    """Run every job in this process, grouped by (pair, seed); a group that cannot start is reported."""
+    from ctkd_bench.runner import run
+
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for job in experiment.jobs():
+        groups.setdefault((job["pair"], job["seed"]), []).append(job)
+    outcomes, broken = [], []
+    for (pair, seed), jobs in groups.items():
+        log(f"== {experiment.name}: {pair} seed {seed}: {len(jobs)} run(s)")
+        try:
+            outcomes.extend(run(request_for(jobs, force=force, progress=progress), log=log))
+        except UserError as err:  # e.g. a model that cannot be loaded here: the other groups go on
+            log(f"FAILED {pair} seed {seed}: {err}")
+            broken.append((pair, seed, str(err)))
+    return outcomes, broken
+
+
+def summary_line(statuses: list[str], broken: int = 0) -> str:
+    counts = {s: statuses.count(s) for s in ("finished", "skipped", "failed")}
+    line = (
+        f"{len(statuses)} run(s): {counts['finished']} finished, {counts['skipped']} skipped (done before), "
+    )
+    line += f"{counts['failed']} failed"
+    return line + (f"; {broken} group(s) could not start" if broken else "")
+
+
+def submit(
+    experiment: Experiment,
+    launcher: str,
+    *,
+    force: bool = False,
+    wait: bool = False,
+    slurm: dict[str, Any] | None = None,
+    log=print,
+) -> list[str] | None:
+    """Submit one job per run through submitit (``local`` or ``slurm``); with ``wait``, their statuses."""
+    import submitit
+
+    if launcher not in ("local", "slurm"):
+        raise UserError(f"unknown launcher {launcher!r}; choose from {', '.join(LAUNCHERS)}")
+    if launcher == "slurm" and shutil.which("sbatch") is None:
+        raise UserError(
+            "--launcher slurm: sbatch is not on PATH; submit from a SLURM login node "
+            "(or try the same sweep with --launcher local)"
+        )
+    jobs = experiment.jobs()
+    folder = experiment.results_dir / ".submitit"
+    if launcher == "local":
+        executor = submitit.LocalExecutor(folder=folder)
+        executor.update_parameters(timeout_min=int((slurm or {}).get("timeout_min", 24 * 60)))
+    else:
+        executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
+        params = {k: v for k, v in (slurm or {}).items() if v is not None}
+        executor.update_parameters(name=f"ctkd-{experiment.name}", **params)
+    submitted = executor.map_array(run_job, jobs, [force] * len(jobs))
+    ids = ", ".join(j.job_id for j in submitted[:3]) + (" ..." if len(submitted) > 3 else "")
+    log(f"submitted {len(submitted)} run(s) to {launcher} ({ids}); logs in {folder}")
+    log(f"records go to {experiment.results_dir}; when done: ctkd-bench report {experiment.results_dir}")
+    if not wait:
+        return None
+    statuses = []
+    for job in submitted:
+        try:
+            statuses.append(job.result())
+        except Exception as err:  # a job that died (killed, node failure): its error is in the logs
+            log(f"FAILED job {job.job_id}: {str(err).strip().splitlines()[-1] if str(err).strip() else err}")
+            statuses.append("failed")
+    return statuses

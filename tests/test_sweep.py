@@ -1,0 +1,235 @@
+"""Experiment files, resumable sweeps, failed runs recorded, checkpoints, the submitit launcher."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from ctkd_bench import sweep
+from ctkd_bench.cli import main
+from ctkd_bench.errors import UserError
+
+TINY_PAIR = "tiny-gemma3:tiny-smollm2"
+TRAIN = {"steps": 4, "batch_size": 2, "max_length": 64}
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+def _experiment(folder: Path, shared_data: Path, **settings) -> Path:
+    body = {
+        "pairs": [TINY_PAIR],
+        "methods": ["sft", "token-kld"],
+        "seeds": [10],
+        "data": "dolly",
+        "data_dir": str(shared_data),
+        "train": TRAIN,
+        "results_dir": str(folder / "results"),
+        **settings,
+    }
+    path = folder / "exp.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+def _records(folder: Path) -> dict[str, dict]:
+    return {p.name: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+
+
+def test_an_experiment_expands_pairs_methods_ablations_and_seeds(tmp_path, shared_data):
+    path = _experiment(
+        tmp_path,
+        shared_data,
+        pairs=[TINY_PAIR, "tiny-gemma3:tiny-gemma3"],
+        methods=[
+            "sft",
+            {"method": "sra", "ablations": ["full", "no-regularizer"], "set": {"temperature": 1}},
+        ],
+        seeds=[10, 20, 30],
+        eval={"tasks": ["dolly", "vicuna"], "limit": 2, "greedy": True},
+    )
+    experiment = sweep.load_experiment(path)
+    jobs = experiment.jobs()
+    assert len(jobs) == 2 * 3 * 3
+    sra = [j for j in jobs if j["method"] == "sra" and j["pair"] == TINY_PAIR and j["seed"] == 20]
+    assert [j["ablation"] for j in sra] == ["full", "no-regularizer"]
+    assert sra[1]["overrides"] == {
+        "regularizer": False,
+        "temperature": "1",
+    }  # the ablation plus the user's setting
+    assert jobs[0]["eval"] == {"tasks": "dolly,vicuna", "limit": 2, "greedy": True, "seeds": [10]}
+    assert experiment.results_dir == (tmp_path / "results").resolve()
+    request = sweep.request_for(sra)
+    assert request.train.seed == 20 and request.train.steps == 4 and request.keep_going
+    assert request.evaluation.tasks == ("dolly", "vicuna") and request.evaluation.limit == 2
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"metods": ["sft"]}, "unknown key 'metods'; allowed:"),
+        ({"methods": ["no-such-method"]}, "no-such-method"),
+        (
+            {"methods": [{"method": "sra", "ablations": ["nope"]}]},
+            "sra has no ablation 'nope'; its ablations:",
+        ),
+        ({"train": {"seed": 3}}, "unknown setting 'seed' (seeds go in the top-level 'seeds' list)"),
+        ({"train": {"steps": 0}}, "--steps must be a positive integer"),
+        ({"eval": {"limit": 3}}, "eval needs at least 'tasks'"),
+        ({"seeds": [10, 10]}, "repeat a seed"),
+        ({"checkpoint_every": -1}, "checkpoint_every must be a whole number >= 0"),
+    ],
+)
+def test_experiment_mistakes_are_one_line_errors(tmp_path, shared_data, settings, message, capsys):
+    path = _experiment(tmp_path, shared_data, **settings)
+    assert main(["run", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_config_refuses_flags_that_the_file_sets(tmp_path, shared_data, capsys):
+    path = _experiment(tmp_path, shared_data)
+    assert main(["run", "--config", str(path), "--steps", "3"]) == 2
+    assert "--steps cannot be combined with --config" in capsys.readouterr().err
+    assert main(["run", "--pair", TINY_PAIR]) == 2
+    assert "give --methods M1,M2" in capsys.readouterr().err
+
+
+def test_failed_runs_are_recorded_and_the_sweep_goes_on(tmp_path, shared_data, monkeypatch, capsys):
+    from ctkd_bench.methods.token_kld import TokenKLD
+
+    def nan_loss(self, batch, student, teacher):
+        return {"kd": student.logits.sum() * float("nan")}
+
+    monkeypatch.setattr(TokenKLD, "forward", nan_loss)
+    path = _experiment(tmp_path, shared_data, methods=["token-kld", "sft"])
+    assert main(["run", "--config", str(path), "--no-progress"]) == 1
+    records = _records(tmp_path / "results")
+    by_method = {r["method"]: r for r in records.values()}
+    assert by_method["token-kld"]["status"] == "failed"
+    assert by_method["token-kld"]["failure"].startswith("non-finite loss at step 1")
+    assert by_method["sft"]["status"] == "finished"  # the run after the failed one still ran
+    assert "2 run(s): 1 finished, 0 skipped (done before), 1 failed" in capsys.readouterr().out
+
+    def out_of_memory(self, batch, student, teacher):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(TokenKLD, "forward", out_of_memory)
+    sft_before = (tmp_path / "results" / next(n for n, r in records.items() if r["method"] == "sft")).stat()
+    assert main(["run", "--config", str(path), "--no-progress"]) == 1  # the failed run is retried
+    out = capsys.readouterr().out
+    assert "skip sft" in out and "1 skipped" in out
+    records = _records(tmp_path / "results")
+    failed = next(r for r in records.values() if r["method"] == "token-kld")
+    assert failed["failure"] == "out of memory: CUDA out of memory. Tried to allocate 2.00 GiB"
+    sft_after = (tmp_path / "results" / next(n for n, r in records.items() if r["method"] == "sft")).stat()
+    assert sft_after.st_mtime_ns == sft_before.st_mtime_ns  # finished records are not redone
+
+
+def test_a_run_resumed_from_its_checkpoint_equals_an_uninterrupted_run(tmp_path, shared_data, monkeypatch):
+    from ctkd_bench import runner
+
+    steps = {"steps": 5, "batch_size": 2, "max_length": 64}
+    (tmp_path / "a").mkdir()
+    whole = _experiment(tmp_path / "a", shared_data, methods=["token-kld"], train=steps)
+    assert main(["run", "--config", str(whole), "--no-progress"]) == 0
+    [reference] = _records(tmp_path / "a" / "results").values()
+
+    class Killed(BaseException):  # like a SIGKILL: nothing of the run is written after it
+        pass
+
+    save = runner.Checkpoint.save
+
+    def save_then_die(self, state):
+        save(self, state)
+        if state["step"] == 2:
+            raise Killed
+
+    (tmp_path / "b").mkdir()
+    path = _experiment(tmp_path / "b", shared_data, methods=["token-kld"], train=steps, checkpoint_every=2)
+    monkeypatch.setattr(runner.Checkpoint, "save", save_then_die)
+    with pytest.raises(Killed):
+        main(["run", "--config", str(path), "--no-progress"])
+    results = tmp_path / "b" / "results"
+    assert not list(results.glob("*.json"))
+    [saved] = list((results / ".checkpoints").glob("*.pt"))
+    assert torch.load(saved, weights_only=False)["step"] == 2
+
+    monkeypatch.setattr(runner.Checkpoint, "save", save)
+    assert main(["run", "--config", str(path), "--no-progress"]) == 0
+    [resumed] = _records(results).values()
+    assert resumed["resumed_from_step"] == 2
+    assert not saved.exists()  # the checkpoint goes once the record is written
+    drop = ("seconds",)
+    curve = [{k: v for k, v in p.items() if k not in drop} for p in resumed["losses"]["curve"]]
+    expected = [{k: v for k, v in p.items() if k not in drop} for p in reference["losses"]["curve"]]
+    assert curve == expected  # same batches, same weights, same optimizer state after the resume
+
+
+def test_killing_a_sweep_and_rerunning_it_loses_only_the_run_in_progress(tmp_path, shared_data):
+    steps = {"steps": 40, "batch_size": 2, "max_length": 64}
+    path = _experiment(
+        tmp_path, shared_data, methods=["sft", "token-kld", "uld"], train=steps, checkpoint_every=3
+    )
+    results = tmp_path / "results"
+    command = [sys.executable, "-m", "ctkd_bench", "run", "--config", str(path), "--no-progress"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    deadline = time.monotonic() + 600
+    try:
+        # kill it once one record is written and the next run has saved a checkpoint
+        while time.monotonic() < deadline and process.poll() is None:
+            if list(results.glob("*.json")) and list((results / ".checkpoints").glob("*.pt")):
+                break
+            time.sleep(0.05)
+        assert process.poll() is None, "the sweep ended before it could be killed"
+        os.killpg(process.pid, signal.SIGKILL)
+    finally:
+        process.wait()
+    before = {p.name: p.stat().st_mtime_ns for p in results.glob("*.json")}
+    checkpoints = list((results / ".checkpoints").glob("*.pt"))
+    assert before and len(before) < 3 and checkpoints
+    for name in before:  # none is corrupt: every record on disk is whole and finished
+        assert json.loads((results / name).read_text())["status"] == "finished"
+    resumed_step = torch.load(checkpoints[0], weights_only=False)["step"]
+
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
+    records = _records(results)
+    assert len(records) == 3 and all(r["status"] == "finished" for r in records.values())
+    assert {name: (results / name).stat().st_mtime_ns for name in before} == before  # not recomputed
+    resumed = [r for r in records.values() if "resumed_from_step" in r]
+    assert [r["resumed_from_step"] for r in resumed] == [resumed_step]
+    assert len(resumed[0]["losses"]["curve"]) == 40
+    assert f"{len(before)} skipped" in rerun.stdout
+
+
+def test_the_local_launcher_runs_one_submitit_job_per_run(tmp_path, shared_data):
+    path = _experiment(tmp_path, shared_data, train={"steps": 2, "batch_size": 2, "max_length": 64})
+    assert main(["run", "--config", str(path), "--launcher", "local", "--wait"]) == 0
+    records = _records(tmp_path / "results")
+    assert sorted(r["method"] for r in records.values()) == ["sft", "token-kld"]
+    assert all(r["status"] == "finished" for r in records.values())
+    logs = list((tmp_path / "results" / ".submitit").rglob("*_log.out"))
+    assert len(logs) == 2  # one job (subprocess) per run
+
+
+def test_slurm_without_sbatch_says_what_to_do(tmp_path, shared_data, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    experiment = sweep.load_experiment(_experiment(tmp_path, shared_data))
+    with pytest.raises(UserError, match="sbatch is not on PATH; submit from a SLURM login node"):
+        sweep.submit(experiment, "slurm")
