@@ -339,6 +339,46 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run_args(ablate)
 
+    rp = sub.add_parser(
+        "report",
+        help="paper tables, ablation and cost tables, figures and significance from a results folder",
+        description="Read every record under RESULTS_DIR (run records of `run`/`ablate`/`--config` sweeps and "
+        "`eval` records, which give the Teacher row) and write into --out: the main table (rows: Teacher, "
+        "SFT, then the methods; columns: eval sets + Avg.; mean ± std, best student in bold) as "
+        "table.md/.tex (booktabs)/.csv, one ablation table per method that has ablations, a cost table, "
+        "figures (per-set bars, cost vs. score, loss curves) as PNG and PDF, and README.md indexing them. "
+        "Each method is tested against the best one (or --baseline) with a paired bootstrap over examples "
+        "(over seeds where no samples file exists); cells significantly worse (p < 0.05) carry a dagger. "
+        "Std: over the evaluation seeds of one trained student; with several training seeds, over the "
+        "training seeds of each run's mean.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  ctkd-bench report results/dolly-small --out reports/dolly-small\n"
+        "  ctkd-bench report results --out /tmp/r --format md,png --baseline sra",
+    )
+    rp.add_argument(
+        "results_dir", type=Path, metavar="RESULTS_DIR", help="folder of records (searched recursively)"
+    )
+    rp.add_argument(
+        "--out", type=Path, metavar="DIR", help="where the report goes (default: reports/<RESULTS_DIR name>)"
+    )
+    rp.add_argument(
+        "--format",
+        default="md,tex,csv,png,pdf",
+        metavar="F1,F2",
+        help="what to write among md, tex, csv (tables) and png, pdf (figures) (default: all)",
+    )
+    rp.add_argument("--metric", default="rougeL", help="the eval metric in the tables (default: rougeL)")
+    rp.add_argument(
+        "--baseline", metavar="METHOD", help="test every method against this one (default: the best on Avg.)"
+    )
+    rp.add_argument(
+        "--bootstrap",
+        type=_positive_int,
+        default=1000,
+        metavar="N",
+        help="bootstrap resamples (default: 1000)",
+    )
+
     ft = sub.add_parser(
         "finetune",
         help="fine-tune a model on the training data (the teacher SFT stage of the protocol)",
@@ -671,6 +711,30 @@ def _cmd_finetune(args) -> int:
     return 0
 
 
+def _cmd_report(args) -> int:
+    from ctkd_bench.report import write_report
+
+    if not args.results_dir.is_dir():
+        raise UserError(
+            f"{args.results_dir} is not a folder of records (give the --results-dir of your runs)"
+        )
+    out = args.out or Path("reports") / args.results_dir.resolve().name
+    written = write_report(
+        args.results_dir,
+        out,
+        formats=[f.strip() for f in args.format.split(",") if f.strip()],
+        metric=args.metric,
+        baseline=args.baseline,
+        bootstrap=args.bootstrap,
+    )
+    index = out / "README.md"
+    if index.exists():
+        print(index.read_text(encoding="utf-8").strip())
+        print()
+    print(f"{len(written)} file(s) written under {out}")
+    return 0
+
+
 def _cmd_list(args) -> int:
     import dataclasses
 
@@ -707,6 +771,7 @@ COMMANDS = {
     "ablate": _cmd_ablate,
     "eval": _cmd_eval,
     "finetune": _cmd_finetune,
+    "report": _cmd_report,
     "list": _cmd_list,
 }
 
