@@ -516,14 +516,30 @@ def _preserved_rng() -> Iterator[None]:
             np.random.set_state(np_state)
 
 
+def _simple_evaluate(lm, tasks: list, manager, config: EvalConfig, seed: int) -> dict[str, Any]:
+    """One lm-eval pass with every random seed set to ``seed`` and the samples logged."""
+    import lm_eval
+
+    return lm_eval.simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        task_manager=manager,
+        limit=config.limit,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+        log_samples=True,
+        bootstrap_iters=0,
+    )
+
+
 def evaluate(model, tokenizer, config: EvalConfig, progress: bool = True) -> EvalResult:
     """Generate and score ``config.tasks`` with ``model`` (a transformers causal LM) and its tokenizer.
 
     Raises :class:`UserError` for an unknown task name, a data problem of our sets (from
     ``load_examples``) and a built-in lm-eval task that cannot load (e.g. offline).
     """
-    import lm_eval
-
     ours, builtin = _split_tasks(config.tasks)
     was_training = model.training
     result = EvalResult(
@@ -532,9 +548,9 @@ def evaluate(model, tokenizer, config: EvalConfig, progress: bool = True) -> Eva
     try:
         with _preserved_rng(), _quiet():
             if ours:
-                _evaluate_ours(lm_eval, model, tokenizer, config, ours, progress, result)
+                _evaluate_ours(model, tokenizer, config, ours, progress, result)
             if builtin:
-                _evaluate_builtin(lm_eval, model, tokenizer, config, builtin, progress, result)
+                _evaluate_builtin(model, tokenizer, config, builtin, progress, result)
     finally:
         model.train(was_training)
     # the requested order of the leaf tasks
@@ -581,7 +597,7 @@ def _load_ours(config: EvalConfig, names: list[str]):
     return manager, loaded
 
 
-def _evaluate_ours(lm_eval, model, tokenizer, config, names, progress, result: EvalResult) -> None:
+def _evaluate_ours(model, tokenizer, config, names, progress, result: EvalResult) -> None:
     hflm_class = _hflm_class()
     lm = None
     for seed in config.run_seeds:
@@ -597,18 +613,7 @@ def _evaluate_ours(lm_eval, model, tokenizer, config, names, progress, result: E
             )
         lm.seed, lm.cost = seed, RunCost()
         start = time.perf_counter()
-        out = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=[*loaded["groups"].values(), *_standalone(loaded)],
-            task_manager=manager,
-            limit=config.limit,
-            random_seed=seed,
-            numpy_random_seed=seed,
-            torch_random_seed=seed,
-            fewshot_random_seed=seed,
-            log_samples=True,
-            bootstrap_iters=0,
-        )
+        out = _simple_evaluate(lm, [*loaded["groups"].values(), *_standalone(loaded)], manager, config, seed)
         lm.cost.seconds = time.perf_counter() - start
         result.cost[seed] = lm.cost
         for name in loaded["tasks"]:
@@ -659,7 +664,7 @@ def _count_truncated(tokenizer, samples: list[Sample], max_prompt_tokens: int) -
     return sum(len(row) > max_prompt_tokens for row in ids)
 
 
-def _evaluate_builtin(lm_eval, model, tokenizer, config, names, progress, result: EvalResult) -> None:
+def _evaluate_builtin(model, tokenizer, config, names, progress, result: EvalResult) -> None:
     from ctkd_bench.data.sources import hub_reachable
 
     manager = _default_task_manager()
@@ -684,18 +689,7 @@ def _evaluate_builtin(lm_eval, model, tokenizer, config, names, progress, result
     start = time.perf_counter()
     tops = [*loaded_groups.values(), *_standalone({"tasks": loaded_tasks, "groups": loaded_groups})]
     try:
-        out = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=tops,
-            task_manager=manager,
-            limit=config.limit,
-            random_seed=seed,
-            numpy_random_seed=seed,
-            torch_random_seed=seed,
-            fewshot_random_seed=seed,
-            log_samples=True,
-            bootstrap_iters=0,
-        )
+        out = _simple_evaluate(lm, tops, manager, config, seed)
     except Exception as exc:
         raise _builtin_error(", ".join(names), exc, hub_reachable()) from exc
     cost = result.cost.setdefault(seed, RunCost())
