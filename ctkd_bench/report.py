@@ -350,8 +350,13 @@ def _sections(runs: list[Run], evals: list[Run], metric: str) -> list[Section]:
             rows.append(Row("Teacher", "teacher", teacher_runs))
         labels: dict[str, list[Run]] = {}
         for run in members:
-            if _is_main(run):
-                labels.setdefault(run.info["method"], []).append(run)
+            if _is_main(run):  # "sra@full" is the method's main row, "sra"; other settings their own rows
+                label = (
+                    run.info["label"].replace("@full", "", 1)
+                    if run.info["ablation"] == "full"
+                    else run.info["label"]
+                )
+                labels.setdefault(label, []).append(run)
         if "sft" in labels:
             rows.append(Row("sft", "sft", labels.pop("sft")))
         rows += [Row(label, "method", labels[label]) for label in sorted(labels)]

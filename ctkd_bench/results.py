@@ -112,6 +112,33 @@ class Scan:
 # ---------------------------------------------------------------------------------------------- upgrades
 
 
+def settings_variant(method: str | None, ablation: str | None, config: dict[str, Any]) -> str:
+    """``key=value`` of every setting that differs from the method's defaults and its ablation ("" if none).
+
+    Unknown methods (a plugin that is not installed here) give "" : their records keep their plain label.
+    """
+    if not method:
+        return ""
+    try:
+        from dataclasses import asdict
+
+        from ctkd_bench.api import get_method
+
+        cls = get_method(method)
+        defaults = asdict(cls.Config())
+        defaults.update((cls.ablations or {}).get(ablation or "", {}))
+    except Exception:
+        return ""
+    changed = []
+    for key in sorted(config):
+        if key in defaults and config[key] != defaults[key]:
+            default = defaults[key]
+            same = isinstance(default, (list, tuple)) and list(default) == list(config[key] or [])
+            if not same:
+                changed.append(f"{key}={config[key]}")
+    return ", ".join(changed)
+
+
 def _label(method: str | None, ablation: str | None) -> str | None:
     if method is None:
         return None
@@ -300,6 +327,9 @@ def record_rows(path: Path, record: dict[str, Any]) -> list[dict[str, Any]]:
         model = student
         method, ablation = record.get("method"), record.get("ablation")
         label = record.get("label") or _label(method, ablation)
+        variant = settings_variant(method, ablation, record.get("method_config") or {})
+        if variant:  # the same method under other settings is another row, never a newer record of it
+            label = f"{label} [{variant}]"
     identity = record.get("identity") or {}
     uses_teacher = None if kind == "eval" or "teacher" not in identity else identity["teacher"] is not None
     samples = samples_path(path, record)

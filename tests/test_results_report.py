@@ -451,3 +451,18 @@ def test_paired_bootstrap_extremes():
     assert report.paired_bootstrap(np.full(10, 5.0), resamples=100, rng=0) == 0.0  # always better
     with pytest.raises(ValueError):
         report.paired_bootstrap([], resamples=10)
+
+
+def test_a_method_under_other_settings_is_its_own_row_not_a_newer_record():
+    from dataclasses import asdict
+
+    from ctkd_bench.api import get_method
+
+    defaults = asdict(get_method("sra").Config())
+    uniform = {**defaults, "com_weighting": "uniform", "span_weighting": "uniform"}
+    assert results.settings_variant("sra", None, defaults) == ""
+    assert results.settings_variant("sra", None, uniform) == "com_weighting=uniform, span_weighting=uniform"
+    # an ablation's own overrides are not a variant of it
+    no_com = {**defaults, "com_weighting": "uniform"}
+    assert results.settings_variant("sra", "no-com-weighting", no_com) == ""
+    assert results.settings_variant("not-installed", None, uniform) == ""
