@@ -10,6 +10,7 @@ are logged; each finished (or failed) run leaves one record, written atomically.
 
 from __future__ import annotations
 
+import gc
 import inspect
 import math
 import random
@@ -678,6 +679,16 @@ def _check_tokenizers(method: str, needs: Needs, same: bool, teacher: str, stude
         )
 
 
+def _release(accelerator) -> None:
+    """Drop the accelerator's references to the finished run's model, optimizer and loader.
+
+    ``accelerator.prepare`` keeps them for its own bookkeeping; without this every run of a sweep or an
+    ablation in one process would keep its student and AdamW state alive until the process ends.
+    """
+    accelerator.free_memory()
+    gc.collect()
+
+
 def run(request: RunRequest, log=print) -> list[RunOutcome]:
     """Run every method on every pair; returns one outcome per (pair, method)."""
     request.train.validate()
@@ -828,6 +839,7 @@ def _run_pair(
                 checkpoint=Checkpoint(path, request.checkpoint_every),
             )
         except Exception as err:
+            _release(accelerator)
             if isinstance(err, NonFiniteLoss):
                 failure = str(err)
             elif _is_out_of_memory(err):
@@ -845,6 +857,7 @@ def _run_pair(
             outcomes.append(RunOutcome(run_.label, path, "failed", record))
             continue
         trained = body.pop("_student")
+        _release(accelerator)
         accelerator.wait_for_everyone()
         if request.evaluation is not None and accelerator.is_main_process:
             from ctkd_bench.evaluation import evaluate

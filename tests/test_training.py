@@ -66,6 +66,36 @@ def test_the_teacher_gets_no_gradient_and_no_update(tmp_path, shared_data, monke
     assert all(torch.equal(v, seen["before"][k]) for k, v in teacher.state_dict().items())
 
 
+def test_a_finished_run_releases_its_student_before_the_next_run(tmp_path, shared_data, monkeypatch):
+    """Runs of a sweep or an ablation share one process: a finished student and its optimizer state must
+    not stay referenced (accelerate's ``prepare`` keeps them unless released) while the next one trains."""
+    import gc
+    import weakref
+
+    import ctkd_bench.runner as runner
+
+    students: list[weakref.ref] = []
+    alive_at_start: list[bool] = []
+    original = runner.train_one
+
+    def spy(**kwargs):
+        gc.collect()
+        alive_at_start.append(any(ref() is not None for ref in students))
+        body = original(**kwargs)
+        students.append(weakref.ref(body["_student"]))
+        return body
+
+    monkeypatch.setattr(runner, "train_one", spy)
+    methods = [
+        MethodRun("sft"),
+        MethodRun("token-kld"),
+        MethodRun("token-kld", overrides={"temperature": 1.0}),
+    ]
+    outcomes = run(_request(tmp_path, shared_data, methods=methods))
+    assert [o.status for o in outcomes] == ["finished"] * 3
+    assert alive_at_start == [False, False, False]
+
+
 def test_data_parallel_with_two_processes(tmp_path, shared_data):
     """`torchrun` (as `accelerate launch` on GPUs) splits each step's batches across processes."""
     cmd = [
