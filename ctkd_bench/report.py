@@ -370,7 +370,7 @@ def _sections(runs: list[Run], evals: list[Run], metric: str) -> list[Section]:
         for method in sorted(ablated):
             if set(ablated[method]) == {"full"}:
                 continue
-            names = sorted(ablated[method], key=lambda a: (a != "full", a))
+            names = sorted(ablated[method], key=lambda a: _ablation_order(method, a))
             table = Table(f"{method}, {title}", [], [Row(a, "ablation", ablated[method][a]) for a in names])
             _fill(table, metric)
             terms: list[str] = []
@@ -390,6 +390,18 @@ def _sections(runs: list[Run], evals: list[Run], metric: str) -> list[Section]:
         ]
         sections.append(section)
     return sections
+
+
+def _ablation_order(method: str, ablation: str) -> tuple:
+    """``full`` first, then the order in which the method declares its ablations (unknown ones last, by name)."""
+    from ctkd_bench.api import get_method
+
+    try:
+        declared = list(get_method(method).ablations)
+    except UserError:  # a method that is not installed here: records still report
+        declared = []
+    position = declared.index(ablation) if ablation in declared else len(declared)
+    return (ablation != "full", position, ablation)
 
 
 def _cost_order(run: Run) -> tuple:
@@ -622,7 +634,7 @@ def main_markdown(section: Section, report: Report) -> list[str]:
     if not table.columns:
         return [f"No eval results with the metric {report.metric} for this pair (see cost.md for the runs)."]
     header = ["method", *[_title(c) for c in table.columns]]
-    rows = [[row.label, *[md_cell(row.cells.get(c)) for c in table.columns]] for row in table.rows]
+    rows = [[_display(row), *[md_cell(row.cells.get(c)) for c in table.columns]] for row in table.rows]
     lines = _md_table(header, rows)
     lines.append("")
     lines.append(_footnote(section, report))
@@ -654,14 +666,17 @@ def _footnote(section: Section, report: Report) -> str:
     )
 
 
+def _display(row: Row) -> str:
+    """A main-table row's name as papers print it: "Teacher" and "SFT", methods by their registered name."""
+    return {"teacher": "Teacher", "sft": "SFT"}.get(row.role, row.label)
+
+
 def main_tex(section: Section) -> str:
     table = section.main
     header = ["Method", *[_title(c) for c in table.columns]]
     rows, rules = [], set()
     for i, row in enumerate(table.rows):
-        label = (
-            "Teacher" if row.role == "teacher" else ("SFT" if row.role == "sft" else tex_escape(row.label))
-        )
+        label = _display(row) if row.role in ("teacher", "sft") else tex_escape(row.label)
         rows.append([label, *[tex_cell(row.cells.get(c)) for c in table.columns]])
         if row.role in ("teacher", "sft"):
             rules.add(i)
@@ -869,31 +884,41 @@ def cost_score_figure(section: Section, metric: str):
 
 
 def loss_figure(section: Section):
+    """Training curves: the total loss (each method's own weighting of its terms) and, beside it, the
+    cross-entropy on the gold tokens, the one term every method shares and so the one to compare."""
     from matplotlib.figure import Figure
 
-    lines = []
+    terms = ("loss", "ce")
+    lines: list[tuple[Row, str | None, dict[str, list[tuple[int, float]]]]] = []
     for row in section.main.rows:
         for run in row.latest_runs() if row.role != "teacher" else []:
             curve = (run.record.get("losses") or {}).get("curve") or []
-            points = [
-                (p["step"], p["loss"])
-                for p in curve
-                if p.get("step") is not None and p.get("loss") is not None
-            ]
-            if points:
+            points = {
+                term: [
+                    (p["step"], p[term])
+                    for p in curve
+                    if p.get("step") is not None and p.get(term) is not None
+                ]
+                for term in terms
+            }
+            if points["loss"]:
                 labelled = any(line[0] is row for line in lines)
-                lines.append((row, None if labelled else row.label, points))
+                lines.append((row, None if labelled else _display(row), points))
     if not lines:
         return None
-    fig = Figure(figsize=(6.0, 4.0))
-    ax = fig.add_subplot()
-    for row, label, points in lines:
-        steps, losses = zip(*points)
-        ax.plot(steps, losses, color=_color(section, row), label=label, linewidth=1.2)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.set_title(section.title)
-    ax.legend(fontsize="small")
+    fig = Figure(figsize=(10.0, 4.0), layout="constrained")
+    axes = fig.subplots(1, 2)
+    for ax, term, title in zip(axes, terms, ("total loss (own weighting)", "cross-entropy (shared term)")):
+        for row, label, points in lines:
+            if points[term]:
+                steps, values = zip(*points[term])
+                ax.plot(steps, values, color=_color(section, row), label=label, linewidth=1.2)
+        ax.set_xlabel("step")
+        ax.set_ylabel(term)
+        ax.set_title(title, fontsize="medium")
+    fig.suptitle(section.title)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", fontsize="small")
     return fig
 
 

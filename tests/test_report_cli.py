@@ -57,7 +57,7 @@ def test_report_on_records_of_run_ablate_and_eval(tmp_path, shared_data, capsys)
 
     rows = [line for line in (out / "table.md").read_text().splitlines() if line.startswith("| ")]
     assert rows[0] == "| method | Dolly | Vicuna | Avg. |"
-    assert [row.split(" | ")[0][2:] for row in rows[1:]] == ["Teacher", "sft", "sra", "token-kld"]
+    assert [row.split(" | ")[0][2:] for row in rows[1:]] == ["Teacher", "SFT", "sra", "token-kld"]
     for label, row in zip(["teacher", "sft", "sra@full", "token-kld"], rows[1:]):
         tasks = records[label]["eval"]["tasks"]
         cells = [c.strip().strip("*").rstrip("†") for c in row.split(" | ")[1:3]]

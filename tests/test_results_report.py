@@ -294,7 +294,7 @@ def test_main_table_markdown(out):
     rows = [line for line in text.splitlines() if line.startswith("| ")]
     assert rows[0] == "| method | Dolly | Vicuna | Avg. |"
     labels = [row.split(" | ")[0][2:] for row in rows[1:]]
-    assert labels == ["Teacher", "sft", "dskd", "sra", "token-kld", "uld"]
+    assert labels == ["Teacher", "SFT", "dskd", "sra", "token-kld", "uld"]
     assert rows[1] == "| Teacher | 30.00 ± 0.50 | 27.00 ± 0.50 | 28.50 ± 0.50 |"  # not bold: not a student
     assert "| sra | **25.00 ± 0.50** | **22.00 ± 0.50** | **23.50 ± 0.50** |" in rows
     assert "| uld | 20.00 ± 1.00† | 17.00 ± 1.00† | 18.50 ± 1.00† |" in rows  # clearly worse than sra
@@ -466,3 +466,28 @@ def test_a_method_under_other_settings_is_its_own_row_not_a_newer_record():
     no_com = {**defaults, "com_weighting": "uniform"}
     assert results.settings_variant("sra", "no-com-weighting", no_com) == ""
     assert results.settings_variant("not-installed", None, uniform) == ""
+
+
+def test_ablation_rows_follow_the_declaration_order(tmp_path):
+    """Papers list ablations in the order the method declares them, not alphabetically; unknown ones last."""
+    for name in ("span-logits-only", "no-hidden-alignment", "full", "no-regularizer", "an-old-ablation"):
+        _write_run(tmp_path, _run_record("sra", ablation=name))  # trained, not evaluated
+    [section] = report.build_report(results.scan(tmp_path)).sections
+    names = [row.label for row in section.ablations["sra"].rows]
+    assert names == ["full", "no-regularizer", "no-hidden-alignment", "span-logits-only", "an-old-ablation"]
+
+
+def test_loss_figure_has_the_total_loss_and_the_shared_cross_entropy(tmp_path):
+    for method, scale in (("sft", 1.0), ("dskd", 4.0)):
+        record = _run_record(method, uses_teacher=method != "sft")
+        for point in record["losses"]["curve"]:
+            point["loss"] *= scale  # dskd's total is on another scale than its cross-entropy
+        _write_run(tmp_path, record, method)
+    [section] = report.build_report(results.scan(tmp_path)).sections
+    fig = report.loss_figure(section)
+    total, ce = fig.axes
+    assert [line.get_label() for line in total.lines] == ["SFT", "dskd"]
+    dskd_total, dskd_ce = total.lines[1].get_ydata(), ce.lines[1].get_ydata()
+    assert list(dskd_ce) == pytest.approx([3.0 / s for s in range(1, 6)])
+    assert list(dskd_total) == pytest.approx([12.0 / s for s in range(1, 6)])
+    assert [text.get_text() for text in fig.legends[0].get_texts()] == ["SFT", "dskd"]
