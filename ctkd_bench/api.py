@@ -128,6 +128,10 @@ class MethodContext:
     shared_vocab: SharedVocab | None
     same_tokenizer: bool
     vocab_map: VocabMap | None = None  # MinED teacher->student map, when a method needs "mined"
+    # the factor each model's input-embedding module applies to its table rows (zoo.embedding_scale;
+    # Gemma: sqrt(hidden_size)), measured by the runner on the loaded models
+    student_embedding_scale: float = 1.0
+    teacher_embedding_scale: float = 1.0
 
 
 class Distiller(nn.Module):

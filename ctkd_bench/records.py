@@ -34,10 +34,23 @@ def record_name(
     return "__".join(p.replace("/", "-").replace(":", "-") for p in parts) + ".json"
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write text through a temp file in the same folder and ``os.replace``: never a half-written file."""
+def atomic_temp(path: Path) -> tuple[int, str]:
+    """A temp file beside ``path`` (for a later ``os.replace``) with the mode a plain ``open`` would give.
+
+    ``mkstemp`` creates files readable by their owner only; records and checkpoints in a results folder
+    shared with collaborators or cluster jobs must get the usual permissions (``0o666`` minus the umask).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
+    mask = os.umask(0)
+    os.umask(mask)
+    os.fchmod(fd, 0o666 & ~mask)
+    return fd, tmp
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write text through a temp file in the same folder and ``os.replace``: never a half-written file."""
+    fd, tmp = atomic_temp(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)

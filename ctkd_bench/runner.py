@@ -398,10 +398,10 @@ class Checkpoint:
 
     def save(self, state: dict[str, Any]) -> None:
         import os
-        import tempfile
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix="." + self.path.name, suffix=".tmp")
+        from ctkd_bench.records import atomic_temp
+
+        fd, tmp = atomic_temp(self.path)
         os.close(fd)
         try:
             torch.save(state, tmp)
@@ -444,6 +444,8 @@ def train_one(
         shared_vocab=vocab,
         same_tokenizer=same,
         vocab_map=vocab_map,
+        student_embedding_scale=zoo.embedding_scale(student),
+        teacher_embedding_scale=zoo.embedding_scale(teacher) if teacher is not None else 1.0,
     )
     method = method_cls(method_config, context)
     needs = method.requirements

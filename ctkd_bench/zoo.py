@@ -352,6 +352,34 @@ def load_model(
     return AutoModelForCausalLM.from_pretrained(repo, **kwargs, **extra)
 
 
+def embedding_scale(model) -> float:
+    """The factor by which ``model``'s input-embedding module multiplies the rows of its table.
+
+    Measured, not guessed from the family: some models scale the looked-up rows inside the module
+    (Gemma's ``embed_tokens`` multiplies by ``sqrt(hidden_size)``), most return them as they are (1.0).
+    The module is called on a few token ids and compared with the table rows by least squares. A module
+    whose output is not a scaled lookup is an error: methods that use embeddings (DSKD) would be wrong.
+    """
+    import torch
+
+    module = model.get_input_embeddings()
+    table = module.weight
+    ids = torch.arange(min(16, table.shape[0]), device=table.device)[None]
+    with torch.no_grad():
+        out = module(ids).float()
+        rows = table[ids].float()
+    denominator = (rows * rows).sum()
+    if denominator == 0:
+        raise ValueError(f"the embedding table of {type(model).__name__} is all zeros on its first rows")
+    scale = float((out * rows).sum() / denominator)
+    if not torch.allclose(out, rows * scale, rtol=1e-3, atol=1e-5 * float(rows.abs().max())):
+        raise ValueError(
+            f"the input-embedding module of {type(model).__name__} ({type(module).__name__}) is not a "
+            "scaled table lookup; methods that read embeddings (dskd) do not support it"
+        )
+    return scale
+
+
 def vocab_size(tokenizer) -> int:
     """The effective vocabulary: rows of the LM head beyond ``len(tokenizer)`` are padding."""
     return len(tokenizer)

@@ -26,19 +26,6 @@ STD_FLOOR = 1e-12
 # --------------------------------------------------------------------------------- building blocks
 
 
-def embedding_scale(config: Any) -> float:
-    """The factor a model's own embedding module applies to its embedding table rows.
-
-    Gemma models (``model_type`` gemma, gemma2, gemma3, gemma3_text, recurrent_gemma, ...) multiply the
-    looked-up rows by ``sqrt(hidden_size)`` inside ``embed_tokens`` (``Gemma3TextScaledWordEmbedding``);
-    the reference calls ``embed_tokens(ids)``, so it sees the scaled rows. Every other family: 1.
-    """
-    model_type = str(getattr(config, "model_type", "") or "")
-    if "gemma" in model_type:
-        return math.sqrt(_config_value(config, "hidden_size"))
-    return 1.0
-
-
 def attention_weights(
     queries: torch.Tensor,
     keys: torch.Tensor,
@@ -174,7 +161,7 @@ class DualSpaceKDWithCMA(Distiller):
 
     Notation, for every position ``t`` whose logits predict a response token (the student's ``x_t`` is
     its input token, ``y_t = x_{t+1}`` the target; same on the teacher side with ``j``), ``E`` the
-    embedding *module* output (the table row times :func:`embedding_scale`), all embeddings detached::
+    embedding *module* output (the table row times the module's scale), all embeddings detached::
 
         q_t   = W_q [E_S(x_t); E_S(y_t)]                                       query projector 2d_S -> 2d_T
         k_j   = [E_T(x_j); E_T(y_j)] / std([E_T(x); E_T(y)])                    no parameters
@@ -198,7 +185,8 @@ class DualSpaceKDWithCMA(Distiller):
     ``t2s_kd``, ``s2t_kd`` and ``t2s_acc`` (share of student targets the t2s logits predict; logged).
 
     Embeddings: the reference calls ``embed_tokens(ids)``, which for Gemma includes the
-    ``sqrt(hidden_size)`` factor; we multiply the raw table rows by it (:func:`embedding_scale`). On the
+    ``sqrt(hidden_size)`` factor; we multiply the raw table rows by the scale the runner measures on each
+    loaded model's embedding module (``MethodContext.*_embedding_scale``, ``zoo.embedding_scale``). On the
     teacher side it cancels exactly (keys and the value's embedding term are divided by their std); on
     the student side (a Gemma student) it scales the query projector's input, as in the reference.
 
@@ -245,8 +233,8 @@ class DualSpaceKDWithCMA(Distiller):
         d_s = _config_value(context.student_config, "hidden_size")
         d_t = _config_value(context.teacher_config, "hidden_size")
         self.teacher_hidden_size = d_t
-        self.student_embedding_scale = embedding_scale(context.student_config)
-        self.teacher_embedding_scale = embedding_scale(context.teacher_config)
+        self.student_embedding_scale = float(context.student_embedding_scale)
+        self.teacher_embedding_scale = float(context.teacher_embedding_scale)
         self.projectors = nn.ModuleDict(
             {
                 "query": nn.Linear(2 * d_s, 2 * d_t),

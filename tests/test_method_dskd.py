@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from ctkd_bench.methods.dskd import attention_weights, chunked_forward_kl, embedding_scale
+from ctkd_bench.methods.dskd import attention_weights, chunked_forward_kl
 
 from ctkd_bench import zoo
 from ctkd_bench.api import MethodContext, ModelOutputs, apply_overrides, get_method
@@ -22,19 +22,22 @@ from ctkd_bench.runner import MethodRun, RunRequest, TrainConfig, run
 DSKD = get_method("dskd")
 TINY_PAIR = "tiny-gemma3:tiny-smollm2"
 D_S, D_T, V_S, V_T = 2, 3, 4, 5
+GEMMA_T_SCALE = math.sqrt(D_T)  # a Gemma teacher's embedding module scales its rows by sqrt(d_T)
 
 
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def _context(student_type="llama", teacher_type="gemma3_text", d_s=D_S, d_t=D_T) -> MethodContext:
+def _context(s_scale=1.0, t_scale=GEMMA_T_SCALE, d_s=D_S, d_t=D_T) -> MethodContext:
     return MethodContext(
-        student_config=SimpleNamespace(model_type=student_type, hidden_size=d_s),
-        teacher_config=SimpleNamespace(model_type=teacher_type, hidden_size=d_t),
+        student_config=SimpleNamespace(hidden_size=d_s),
+        teacher_config=SimpleNamespace(hidden_size=d_t),
         student_tokenizer=None,
         teacher_tokenizer=None,
         shared_vocab=None,
         same_tokenizer=False,
+        student_embedding_scale=s_scale,
+        teacher_embedding_scale=t_scale,
     )
 
 
@@ -239,13 +242,12 @@ def test_attention_is_masked_to_target_positions_not_causal_by_hand():
     assert float(t2s[0, 0, 3]) > 0.0  # not causal: student position 0 sees teacher position 3
 
 
-@pytest.mark.parametrize("student_type", ["llama", "gemma"])
-def test_all_terms_equal_the_loop_computation(student_type):
-    method = _method(_context(student_type=student_type))
+@pytest.mark.parametrize("s_scale", [1.0, math.sqrt(D_S)])  # a Llama-like or a Gemma-like student
+def test_all_terms_equal_the_loop_computation(s_scale):
+    method = _method(_context(s_scale=s_scale))
     batch = _batch(S_IDS, S_LABELS, T_IDS, T_LABELS)
     x = _tensors(batch)
     terms = method(batch, *_outputs(x))
-    s_scale = math.sqrt(D_S) if student_type == "gemma" else 1.0  # Gemma scales its embedding rows
     _assert_terms(terms, reference_terms(method, batch, x, s_scale=s_scale, t_scale=math.sqrt(D_T)))
     assert method.loss_weights() == {"ce": 0.5, "kd": 0.5}
     assert set(terms) == {"kd", "t2s_ce", "t2s_kd", "s2t_kd", "t2s_acc"}
@@ -431,13 +433,23 @@ def test_teacher_embedding_scale_cancels_and_matches_gemmas_own_module(tiny_mode
     for name in terms:
         assert _f(scaled[name]) == pytest.approx(_f(terms[name]), rel=1e-5), name
     student, teacher = tiny_models
-    assert embedding_scale(teacher.config) == pytest.approx(float(teacher.get_input_embeddings().embed_scale))
-    assert embedding_scale(student.config) == 1.0
+    gemma_scale = zoo.embedding_scale(teacher)  # measured on the module, not guessed from the family
+    assert gemma_scale == pytest.approx(float(teacher.get_input_embeddings().embed_scale), rel=1e-6)
+    assert gemma_scale == pytest.approx(math.sqrt(teacher.config.hidden_size), rel=1e-6)
+    assert zoo.embedding_scale(student) == pytest.approx(1.0, rel=1e-6)
     ids = torch.tensor([[5, 7]])
     table = teacher.get_input_embeddings().weight
-    torch.testing.assert_close(
-        teacher.get_input_embeddings()(ids), table[ids] * embedding_scale(teacher.config)
-    )
+    torch.testing.assert_close(teacher.get_input_embeddings()(ids), table[ids] * gemma_scale)
+
+
+def test_an_embedding_module_that_is_not_a_scaled_lookup_is_refused():
+    class Shifted(torch.nn.Embedding):
+        def forward(self, ids):
+            return super().forward(ids) + 1.0
+
+    model = SimpleNamespace(get_input_embeddings=lambda: Shifted(20, 4))
+    with pytest.raises(ValueError, match="not a scaled table lookup; methods that read embeddings"):
+        zoo.embedding_scale(model)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 2, 3, 64])

@@ -491,3 +491,20 @@ def test_loss_figure_has_the_total_loss_and_the_shared_cross_entropy(tmp_path):
     assert list(dskd_ce) == pytest.approx([3.0 / s for s in range(1, 6)])
     assert list(dskd_total) == pytest.approx([12.0 / s for s in range(1, 6)])
     assert [text.get_text() for text in fig.legends[0].get_texts()] == ["SFT", "dskd"]
+
+
+def test_records_are_written_with_the_usual_permissions(tmp_path):
+    """Atomic writes go through mkstemp (owner-only); a shared results folder needs 0o666 minus the umask."""
+    import os
+
+    previous = os.umask(0o022)
+    try:
+        write_atomic(tmp_path / "r.json", {"a": 1})
+        os.umask(0o002)
+        write_atomic(tmp_path / "group.json", {"a": 1})
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "group.json").stat().st_mode & 0o777 == 0o664
+    assert json.loads((tmp_path / "r.json").read_text()) == {"a": 1}
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
