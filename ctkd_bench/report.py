@@ -584,8 +584,8 @@ def _title(task: str) -> str:
 
 
 def tex_escape(text: str) -> str:
-    """``text`` with LaTeX's special characters in names escaped (``_ % & # $``)."""
-    return re.sub(r"([_%&#$])", r"\\\1", text)
+    """``text`` with LaTeX's special characters in names escaped (``_ % & # $``; ``×`` as ``$\\times$``)."""
+    return re.sub(r"([_%&#$])", r"\\\1", text).replace("×", r"$\times$")
 
 
 def md_cell(cell: Cell | None) -> str:
@@ -751,6 +751,13 @@ def cost_values(row: Row) -> dict[str, Any]:
     infos = [run.info for run in runs]
     uses_teacher = any(i["uses_teacher"] is not False for i in infos)
     steps = sorted({i["steps"] for i in infos if i["steps"] is not None})
+    shapes = sorted(
+        {
+            f"{i.get('batch_size') or '?'}×{i.get('max_length') or '?'}"
+            for i in infos
+            if i.get("batch_size") or i.get("max_length")
+        }
+    )
     return {
         "method": row.label,
         "seconds_per_step": _mean(i["seconds_per_step"] for i in infos),
@@ -762,6 +769,7 @@ def cost_values(row: Row) -> dict[str, Any]:
         or None,
         "device": ", ".join(sorted({i["device"] for i in infos if i["device"]})) or None,
         "steps": ", ".join(str(s) for s in steps) or None,
+        "batch": ", ".join(shapes) or None,
         "runs": len(runs),
         "tokens_per_second": _mean(i["tokens_per_second"] for i in infos),
     }
@@ -775,6 +783,7 @@ COST_HEADER = [
     "memory",
     "device",
     "steps",
+    "batch × len",
     "runs",
     "gen tok/s",
 ]
@@ -793,6 +802,7 @@ def cost_cells(values: dict[str, Any], missing: str) -> list[str]:
         values["peak_memory_kind"] or missing,
         values["device"] or missing,
         values["steps"] or missing,
+        values["batch"] or missing,
         str(values["runs"]),
         _fmt(values["tokens_per_second"], ".1f", missing),
     ]
@@ -918,7 +928,7 @@ def loss_figure(section: Section):
         ax.set_title(title, fontsize="medium")
     fig.suptitle(section.title)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside right upper", fontsize="small")
+    fig.legend(handles, labels, loc="outside right center", fontsize="small")
     return fig
 
 
@@ -1070,7 +1080,8 @@ def _write_cost(report: Report, w: _Writer, formats: set[str]) -> None:
         tidy += [{"pair": section.pair, "data": section.data, **v} for v in values]
     md.append(
         "s/step: mean training seconds per optimizer step over the runs (latest record per seed); teacher s/step: "
-        "the teacher's share (– when the method uses no teacher); peak MB and its kind as measured; gen tok/s: "
+        "the teacher's share (– when the method uses no teacher); peak MB and its kind as measured; batch × len: "
+        "examples per step and maximum tokens per example (compare costs only within one shape); gen tok/s: "
         "generation throughput of the evaluation."
     )
     if "md" in formats:

@@ -350,6 +350,8 @@ def record_rows(path: Path, record: dict[str, Any]) -> list[dict[str, Any]]:
         "seed": record.get("seed", train.get("seed")),
         "config_hash": record.get("config_hash"),
         "steps": train.get("steps"),
+        "batch_size": train.get("batch_size"),
+        "max_length": train.get("max_length"),
         "uses_teacher": uses_teacher,
         "eval_mode": protocol.get("mode"),
         "eval_limit": protocol.get("limit"),

@@ -127,7 +127,7 @@ def _run_record(
         "method_config": {"b": 1, "a": 2},
         "pair": {"teacher": {"name": teacher} if teacher else None, "student": {"name": STUDENT}},
         "data": {"name": "dolly"},
-        "train": {"steps": 5, "batch_size": 4, "seed": seed},
+        "train": {"steps": 5, "batch_size": 4, "max_length": 256, "seed": seed},
         "seed": seed,
         "losses": {"final": final or {"loss": 1.5, "ce": 1.5}, "curve": curve, "weights": {"ce": 1.0}},
         "cost": {
@@ -346,11 +346,17 @@ def test_ablation_and_cost_tables(out):
     assert rows[1] == "| no-regularizer | 23.00 ± 0.50 | 21.00 ± 0.50 | 22.00 ± 0.50 | 1.4000 | 1.4000 | – |"
     assert "\\toprule" in _read(out, "ablations.tex")
     cost = _read(out, "cost.md")
-    assert "| uld | 2.500 | 1.000 | 8000 | cuda_max_allocated | cuda | 5 | 1 | 350.0 |" in cost
-    assert "| sft | 1.000 | – | 8000 | cuda_max_allocated | cuda | 5 | 1 | 350.0 |" in cost  # no teacher
+    assert "| uld | 2.500 | 1.000 | 8000 | cuda_max_allocated | cuda | 5 | 4×256 | 1 | 350.0 |" in cost
+    assert (
+        "| sft | 1.000 | – | 8000 | cuda_max_allocated | cuda | 5 | 4×256 | 1 | 350.0 |" in cost
+    )  # no teacher
     assert "| sra@no-regularizer | 3.500 |" in cost and "| token-kld | 2.000 |" in cost
     labels = [line.split(" | ")[0][2:] for line in cost.splitlines() if line.startswith("| ")][1:]
     assert labels[0] == "sft" and "mined" not in labels
+    assert (
+        r"uld & 2.500 & 1.000 & 8000 & cuda\_max\_allocated & cuda & 5 & 4$\times$256 & 1 & 350.0 \\"
+        in _read(out, "cost.tex")
+    )
     assert pd.read_csv(out[0] / "cost.csv")["seconds_per_step"].tolist() == pytest.approx(
         [1.0, 3.0, 4.0, 3.5, 2.0, 2.5]
     )
