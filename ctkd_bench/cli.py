@@ -576,11 +576,12 @@ def _cmd_eval(args) -> int:
     import dataclasses
 
     from ctkd_bench import zoo
-    from ctkd_bench.evaluation import evaluate, format_table
+    from ctkd_bench.evaluation import check_data, evaluate, format_table
     from ctkd_bench.records import now, versions, write_atomic, write_text_atomic
     from ctkd_bench.runner import resolve_device
 
     config = _eval_config(args, args.tasks)
+    check_data(config)  # before the model loads (a GGUF conversion takes a minute)
     spec = zoo.resolve(args.model)
     device = resolve_device(args.device)
     tokenizer = zoo.load_tokenizer(spec)

@@ -559,6 +559,32 @@ def evaluate(model, tokenizer, config: EvalConfig, progress: bool = True) -> Eva
     return result
 
 
+def check_data(config: EvalConfig) -> None:
+    """Fail now, in one line, if an evaluation would fail later for its data or its task names.
+
+    ``run`` calls this before it loads a model, so a missing ``--data-dir`` (or an unreachable hub) is
+    reported before the training it would otherwise waste. Reads each of our sets once (cheap); built-in
+    lm-eval task names are checked against lm-eval's registry.
+    """
+    import yaml
+
+    from ctkd_bench.data.sources import load_examples
+
+    ours, _ = _split_tasks(config.tasks)
+    seen = set()
+    for name in _leaf_order(ours):
+        spec = yaml.safe_load((tasks_dir() / f"{name}.yaml").read_text(encoding="utf-8"))
+        kwargs = spec["dataset_kwargs"]
+        key = (kwargs["source"], kwargs["split"])
+        if key not in seen:
+            seen.add(key)
+            try:
+                load_examples(kwargs["source"], kwargs["split"], config.data_dir)
+            except UserError as err:  # ShareGPT trains but is no evaluation set: drop that hint here
+                reason = str(err).replace(" or use --data sharegpt", "")
+                raise UserError(f"evaluation task {name} ({key[1]} split): {reason}") from None
+
+
 def _leaf_order(names: Sequence[str]) -> list[str]:
     leaves: list[str] = []
     for name in names:

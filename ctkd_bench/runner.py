@@ -707,6 +707,13 @@ def run(request: RunRequest, log=print) -> list[RunOutcome]:
     for run_ in request.methods:  # unknown names and bad settings fail before anything loads
         cls = get_method(run_.method)
         resolved.append((run_, cls, apply_overrides(cls.Config(), run_.overrides, run_.method)))
+    if request.evaluation is not None or request.eval_every:  # eval data errors before training, not after
+        from ctkd_bench.evaluation import check_data
+
+        if request.evaluation is not None:
+            check_data(request.evaluation)
+        if request.eval_every:
+            check_data(DevSelection(request).config)
     accelerator = make_accelerator(device, request.train.grad_accum)
     if request.eval_every and accelerator.num_processes > 1:
         raise UserError(

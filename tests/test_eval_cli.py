@@ -82,6 +82,23 @@ def test_eval_bad_input_is_one_line_and_exit_2(extra, message, capsys, shared_da
     assert message in err and "Traceback" not in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.parametrize("flags", [["--eval-tasks", "dolly"], ["--eval-every", "1"]])
+def test_run_reports_missing_eval_data_before_it_trains(flags, tmp_path, capsys, monkeypatch):
+    """Training on ShareGPT with an evaluation whose data is missing: one line, exit 2, no model loaded."""
+    import ctkd_bench.runner as runner
+
+    def no_training(*_args, **_kwargs):
+        raise AssertionError("a model was loaded before the evaluation data was checked")
+
+    monkeypatch.setattr(runner.zoo, "load_model", no_training)
+    args = ["run", "--methods", "sft", "--pair", TINY_PAIR, "--results-dir", str(tmp_path), *FAST, *flags]
+    args += ["--data-dir", str(tmp_path / "no-data")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no-data" in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert not list(tmp_path.glob("*.json"))
+
+
 def test_ablation_table_shows_eval_scores_as_mean_and_std():
     def record(name, dolly, vicuna, average):
         return {
