@@ -138,12 +138,14 @@ class Distiller(nn.Module):
     """Base class of every method. Subclasses define ``Config`` (a dataclass) and :meth:`forward`.
 
     Class attributes: ``name`` (set by :func:`register_method`), ``summary`` (one line for
-    ``ctkd-bench list``), ``ablations`` (ablation name -> config overrides; ``ctkd-bench ablate`` runs
-    them all).
+    ``ctkd-bench list``), ``paper_name`` (how papers print the method, e.g. "MultiLevelOT": the report's
+    tables and figures use it; empty: the registered name), ``ablations`` (ablation name -> config
+    overrides; ``ctkd-bench ablate`` runs them all).
     """
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    paper_name: ClassVar[str] = ""
     ablations: ClassVar[dict[str, dict[str, Any]]] = {}
 
     @dataclass

@@ -658,17 +658,36 @@ def main_markdown(section: Section, report: Report) -> list[str]:
 def _footnote(section: Section, report: Report) -> str:
     if section.reference is None:
         return f"No significance test (reference: {section.reference_note})."
+    reference = next(
+        (_display(row) for row in section.main.rows if row.label == section.reference), section.reference
+    )
     return (
-        f"{DAGGER_MD} significantly worse than {section.reference} ({section.reference_note}): one-sided paired "
+        f"{DAGGER_MD} significantly worse than {reference} ({section.reference_note}): one-sided paired "
         f"bootstrap, p < {ALPHA}, {report.bootstrap} resamples (seed {report.seed}) over examples paired by "
         f"(set, doc_id) and averaged over eval seeds, Avg. resampling within each set; over the shared per-seed "
         f"scores where a samples file is missing. Bold: best student per column."
     )
 
 
+def paper_name(method: str) -> str:
+    """How papers print ``method`` (its class's ``paper_name``), else the registered name."""
+    from ctkd_bench.api import get_method
+
+    try:
+        return get_method(method).paper_name or method
+    except UserError:  # a record of a method that is not installed here
+        return method
+
+
 def _display(row: Row) -> str:
-    """A main-table row's name as papers print it: "Teacher" and "SFT", methods by their registered name."""
-    return {"teacher": "Teacher", "sft": "SFT"}.get(row.role, row.label)
+    """A row's name as papers print it: "Teacher", "SFT", "MultiLevelOT", "SRA@no-regularizer",
+    "SRA [com_weighting=uniform]"; ablation-table rows (bare ablation names) stay as they are."""
+    if row.role == "teacher":
+        return "Teacher"
+    method = row.runs[0].info["method"] if row.runs else None
+    if row.role == "ablation" or not method or not row.label.startswith(method):
+        return row.label
+    return paper_name(method) + row.label[len(method) :]
 
 
 def main_tex(section: Section) -> str:
@@ -676,7 +695,7 @@ def main_tex(section: Section) -> str:
     header = ["Method", *[_title(c) for c in table.columns]]
     rows, rules = [], set()
     for i, row in enumerate(table.rows):
-        label = _display(row) if row.role in ("teacher", "sft") else tex_escape(row.label)
+        label = tex_escape(_display(row))
         rows.append([label, *[tex_cell(row.cells.get(c)) for c in table.columns]])
         if row.role in ("teacher", "sft"):
             rules.add(i)
@@ -760,6 +779,7 @@ def cost_values(row: Row) -> dict[str, Any]:
     )
     return {
         "method": row.label,
+        "display": _display(row),
         "seconds_per_step": _mean(i["seconds_per_step"] for i in infos),
         "teacher_seconds_per_step": _mean(i["teacher_seconds_per_step"] for i in infos)
         if uses_teacher
@@ -795,7 +815,7 @@ def _fmt(value: float | None, spec: str, missing: str) -> str:
 
 def cost_cells(values: dict[str, Any], missing: str) -> list[str]:
     return [
-        values["method"],
+        values["display"],
         _fmt(values["seconds_per_step"], ".3f", missing),
         _fmt(values["teacher_seconds_per_step"], ".3f", missing),
         _fmt(values["peak_memory_mb"], ".0f", missing),
@@ -847,7 +867,7 @@ def scores_figure(section: Section, metric: str):
             width,
             yerr=errs,
             capsize=2,
-            label=row.label,
+            label=_display(row),
             color=_color(section, row),
             hatch="//" if teacher else None,
             edgecolor="black" if teacher else None,
@@ -885,7 +905,7 @@ def cost_score_figure(section: Section, metric: str):
             [seconds], [cell.mean], yerr=[cell.std or 0.0], fmt="o", color=_color(section, row), capsize=2
         )
         ax.annotate(
-            row.label, (seconds, cell.mean), textcoords="offset points", xytext=(5, 5), fontsize="small"
+            _display(row), (seconds, cell.mean), textcoords="offset points", xytext=(5, 5), fontsize="small"
         )
     ax.set_xlabel("training s/step")
     ax.set_ylabel(f"Avg. {metric}")

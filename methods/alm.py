@@ -64,6 +64,7 @@ class ALM(Distiller):
     is dropped instead of silently losing that token.
     """
 
+    paper_name = "ALM"
     summary = "binarised CE between teacher and student likelihoods of the same text chunks (ALM)"
     ablations = {
         "tau-1": {"temperature": 1.0},

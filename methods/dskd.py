@@ -207,6 +207,7 @@ class DualSpaceKDWithCMA(Distiller):
       defaults are the reference.
     """
 
+    paper_name = "DSKD"
     summary = "dual-space KD with cross-model attention (t2s CE + masked t2s KL + s2t KL; 3 projectors)"
     ablations = {
         "full": {},

@@ -22,6 +22,7 @@ class VanillaKD(Distiller):
     same-family embedding padding does not matter.
     """
 
+    paper_name = "KD"
     summary = "forward KL over the full vocabulary (needs the same tokenizer on both sides)"
 
     @dataclass

@@ -37,6 +37,7 @@ class MinED(Distiller):
     aligned positions (same values, far less work with a 262k-entry head).
     """
 
+    paper_name = "MinED"
     summary = "KL to the teacher distribution carried over by DTW + min-edit-distance vocabulary map"
 
     @dataclass

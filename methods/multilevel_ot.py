@@ -162,6 +162,7 @@ class MultiLevelOT(Distiller):
     over examples (same values). The original's greedy column matching (``f = 2``) is not provided.
     """
 
+    paper_name = "MultiLevelOT"
     summary = (
         "top-50 mass-sorted L1 + soft CE + Sinkhorn sequence OT, positions aligned from the response start"
     )

@@ -17,6 +17,7 @@ class SFT(Distiller):
     stage (``ctkd-bench finetune``).
     """
 
+    paper_name = "SFT"
     summary = "cross-entropy only (student baseline, no teacher)"
 
     @dataclass

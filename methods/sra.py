@@ -291,6 +291,7 @@ class SRA(Distiller):
       which no loss reads.
     """
 
+    paper_name = "SRA"
     summary = "span centres of mass (attention-weighted) aligned by cosine + Gram geometry + span-logit KL"
     # The seven ablations of the issue / paper. Both weightings off at once (no attention tensors at all,
     # so no eager attention) is one --set away: --set sra.com_weighting=uniform --set sra.span_weighting=uniform

@@ -118,6 +118,7 @@ class ULD(Distiller):
     teacher-generated answers; here the response is the dataset's (the DSKD protocol).
     """
 
+    paper_name = "ULD"
     summary = "L1 between sorted next-token distributions, positions aligned from the response start"
     ablations = {"original": {"original": True}}
 

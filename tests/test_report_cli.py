@@ -57,7 +57,7 @@ def test_report_on_records_of_run_ablate_and_eval(tmp_path, shared_data, capsys)
 
     rows = [line for line in (out / "table.md").read_text().splitlines() if line.startswith("| ")]
     assert rows[0] == "| method | Dolly | Vicuna | Avg. |"
-    assert [row.split(" | ")[0][2:] for row in rows[1:]] == ["Teacher", "SFT", "sra", "token-kld"]
+    assert [row.split(" | ")[0][2:] for row in rows[1:]] == ["Teacher", "SFT", "SRA", "token-kld"]
     for label, row in zip(["teacher", "sft", "sra@full", "token-kld"], rows[1:]):
         tasks = records[label]["eval"]["tasks"]
         cells = [c.strip().strip("*").rstrip("†") for c in row.split(" | ")[1:3]]
@@ -67,7 +67,7 @@ def test_report_on_records_of_run_ablate_and_eval(tmp_path, shared_data, capsys)
     assert "| full |" in ablations and "| no-regularizer |" in ablations
     cost = (out / "cost.md").read_text()
     sft_seconds = records["sft"]["cost"]["seconds_per_step"]
-    assert f"| sft | {sft_seconds:.3f} |" in cost
+    assert f"| SFT | {sft_seconds:.3f} |" in cost
     assert (out / "table.tex").read_text().startswith("\\begin{tabular}")
     for stem in ("scores", "cost_vs_score", "loss_curves"):
         assert (out / f"{stem}.png").read_bytes().startswith(PNG)

@@ -294,14 +294,14 @@ def test_main_table_markdown(out):
     rows = [line for line in text.splitlines() if line.startswith("| ")]
     assert rows[0] == "| method | Dolly | Vicuna | Avg. |"
     labels = [row.split(" | ")[0][2:] for row in rows[1:]]
-    assert labels == ["Teacher", "SFT", "dskd", "sra", "token-kld", "uld"]
+    assert labels == ["Teacher", "SFT", "DSKD", "SRA", "token-kld", "ULD"]  # as papers print them
     assert rows[1] == "| Teacher | 30.00 ± 0.50 | 27.00 ± 0.50 | 28.50 ± 0.50 |"  # not bold: not a student
-    assert "| sra | **25.00 ± 0.50** | **22.00 ± 0.50** | **23.50 ± 0.50** |" in rows
-    assert "| uld | 20.00 ± 1.00† | 17.00 ± 1.00† | 18.50 ± 1.00† |" in rows  # clearly worse than sra
-    assert "| dskd | 24.90 ± 0.50 | 21.90 ± 0.50 | 23.40 ± 0.50 |" in rows  # indistinguishable: no dagger
+    assert "| SRA | **25.00 ± 0.50** | **22.00 ± 0.50** | **23.50 ± 0.50** |" in rows
+    assert "| ULD | 20.00 ± 1.00† | 17.00 ± 1.00† | 18.50 ± 1.00† |" in rows  # clearly worse than sra
+    assert "| DSKD | 24.90 ± 0.50 | 21.90 ± 0.50 | 23.40 ± 0.50 |" in rows  # indistinguishable: no dagger
     assert "| token-kld | – | – | – |" in rows  # the old record, trained without eval
     assert (
-        "† significantly worse than sra (the best on Avg.)" in text
+        "† significantly worse than SRA (the best on Avg.)" in text
         and "paired bootstrap" in text
         and "1000 resamples" in text
     )
@@ -313,8 +313,8 @@ def test_main_table_latex(out):
         "\\bottomrule\n\\end{tabular}\n"
     )
     assert "Method & Dolly & Vicuna & Avg. \\\\" in tex
-    assert r"sra & \textbf{25.00} {\scriptsize $\pm$ 0.50} & \textbf{22.00} {\scriptsize $\pm$ 0.50}" in tex
-    assert r"uld & 20.00 {\scriptsize $\pm$ 1.00}$^\dagger$" in tex
+    assert r"SRA & \textbf{25.00} {\scriptsize $\pm$ 0.50} & \textbf{22.00} {\scriptsize $\pm$ 0.50}" in tex
+    assert r"ULD & 20.00 {\scriptsize $\pm$ 1.00}$^\dagger$" in tex
     lines = tex.splitlines()
     assert lines[lines.index(next(line for line in lines if line.startswith("Teacher"))) + 1] == "\\midrule"
     assert lines[lines.index(next(line for line in lines if line.startswith("SFT"))) + 1] == "\\midrule"
@@ -346,15 +346,15 @@ def test_ablation_and_cost_tables(out):
     assert rows[1] == "| no-regularizer | 23.00 ± 0.50 | 21.00 ± 0.50 | 22.00 ± 0.50 | 1.4000 | 1.4000 | – |"
     assert "\\toprule" in _read(out, "ablations.tex")
     cost = _read(out, "cost.md")
-    assert "| uld | 2.500 | 1.000 | 8000 | cuda_max_allocated | cuda | 5 | 4×256 | 1 | 350.0 |" in cost
+    assert "| ULD | 2.500 | 1.000 | 8000 | cuda_max_allocated | cuda | 5 | 4×256 | 1 | 350.0 |" in cost
     assert (
-        "| sft | 1.000 | – | 8000 | cuda_max_allocated | cuda | 5 | 4×256 | 1 | 350.0 |" in cost
+        "| SFT | 1.000 | – | 8000 | cuda_max_allocated | cuda | 5 | 4×256 | 1 | 350.0 |" in cost
     )  # no teacher
-    assert "| sra@no-regularizer | 3.500 |" in cost and "| token-kld | 2.000 |" in cost
+    assert "| SRA@no-regularizer | 3.500 |" in cost and "| token-kld | 2.000 |" in cost
     labels = [line.split(" | ")[0][2:] for line in cost.splitlines() if line.startswith("| ")][1:]
-    assert labels[0] == "sft" and "mined" not in labels
+    assert labels[0] == "SFT" and "MinED" not in labels
     assert (
-        r"uld & 2.500 & 1.000 & 8000 & cuda\_max\_allocated & cuda & 5 & 4$\times$256 & 1 & 350.0 \\"
+        r"ULD & 2.500 & 1.000 & 8000 & cuda\_max\_allocated & cuda & 5 & 4$\times$256 & 1 & 350.0 \\"
         in _read(out, "cost.tex")
     )
     assert pd.read_csv(out[0] / "cost.csv")["seconds_per_step"].tolist() == pytest.approx(
@@ -492,11 +492,11 @@ def test_loss_figure_has_the_total_loss_and_the_shared_cross_entropy(tmp_path):
     [section] = report.build_report(results.scan(tmp_path)).sections
     fig = report.loss_figure(section)
     total, ce = fig.axes
-    assert [line.get_label() for line in total.lines] == ["SFT", "dskd"]
+    assert [line.get_label() for line in total.lines] == ["SFT", "DSKD"]
     dskd_total, dskd_ce = total.lines[1].get_ydata(), ce.lines[1].get_ydata()
     assert list(dskd_ce) == pytest.approx([3.0 / s for s in range(1, 6)])
     assert list(dskd_total) == pytest.approx([12.0 / s for s in range(1, 6)])
-    assert [text.get_text() for text in fig.legends[0].get_texts()] == ["SFT", "dskd"]
+    assert [text.get_text() for text in fig.legends[0].get_texts()] == ["SFT", "DSKD"]
 
 
 def test_records_are_written_with_the_usual_permissions(tmp_path):
@@ -514,3 +514,14 @@ def test_records_are_written_with_the_usual_permissions(tmp_path):
     assert (tmp_path / "group.json").stat().st_mode & 0o777 == 0o664
     assert json.loads((tmp_path / "r.json").read_text()) == {"a": 1}
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_rows_use_the_papers_names_and_unknown_methods_keep_theirs():
+    assert [report.paper_name(m) for m in ("multilevel-ot", "mined", "sra", "sft")] == [
+        "MultiLevelOT",
+        "MinED",
+        "SRA",
+        "SFT",
+    ]
+    assert report.paper_name("token-kld") == "token-kld"  # no name in the literature: the registered one
+    assert report.paper_name("not-installed-here") == "not-installed-here"  # a record from elsewhere
