@@ -33,3 +33,17 @@ def shared_data() -> Path:
 def tiny_models():
     """(student, teacher) tiny random models: SmolLM2-shaped and Gemma-3-shaped, with the real vocabularies."""
     return zoo.load_model(zoo.resolve("tiny-smollm2")), zoo.load_model(zoo.resolve("tiny-gemma3"))
+
+
+@pytest.fixture
+def tiny_request(shared_data, tmp_path):
+    """A factory of two-step runs of the tiny pair on Dolly: ``tiny_request(methods, **RunRequest fields)``."""
+    from ctkd_bench.runner import RunRequest, TrainConfig
+
+    def make(methods, **kw):
+        kw.setdefault("pairs", [zoo.parse_pair("tiny-gemma3:tiny-smollm2")])
+        kw.setdefault("train", TrainConfig(steps=2, batch_size=2, max_length=96))
+        kw.setdefault("results_dir", tmp_path)
+        return RunRequest(methods=methods, data="dolly", data_dir=str(shared_data), progress=False, **kw)
+
+    return make

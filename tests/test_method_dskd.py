@@ -17,7 +17,7 @@ from ctkd_bench.api import MethodContext, ModelOutputs, apply_overrides, get_met
 from ctkd_bench.cli import main
 from ctkd_bench.data.batch import DistillBatch, SideBatch
 from ctkd_bench.errors import UserError
-from ctkd_bench.runner import MethodRun, RunRequest, TrainConfig, run
+from ctkd_bench.runner import MethodRun, run
 
 DSKD = get_method("dskd")
 TINY_PAIR = "tiny-gemma3:tiny-smollm2"
@@ -557,17 +557,9 @@ def test_cli_run_on_tiny_models_records_finite_sub_terms(tmp_path, shared_data):
     assert record["method_config"]["projector_lr"] == 1e-3
 
 
-def test_every_ablation_trains_two_steps_with_finite_losses(tmp_path, shared_data):
+def test_every_ablation_trains_two_steps_with_finite_losses(tiny_request):
     ablations = {k: v for k, v in DSKD.ablations.items() if k != "full"}  # full: the CLI test above
-    request = RunRequest(
-        methods=[MethodRun("dskd", name, overrides) for name, overrides in ablations.items()],
-        pairs=[zoo.parse_pair(TINY_PAIR)],
-        data="dolly",
-        data_dir=str(shared_data),
-        results_dir=tmp_path,
-        progress=False,
-        train=TrainConfig(steps=2, batch_size=2, max_length=96),
-    )
+    request = tiny_request([MethodRun("dskd", name, overrides) for name, overrides in ablations.items()])
     outcomes = run(request)
     assert [o.status for o in outcomes] == ["finished"] * len(ablations)
     for outcome, (name, overrides) in zip(outcomes, ablations.items()):

@@ -12,7 +12,6 @@ import pytest
 import torch
 from ctkd_bench.methods.sra import centres_of_mass, span_membership, token_mass
 
-from ctkd_bench import zoo
 from ctkd_bench.alignment import SharedVocab
 from ctkd_bench.api import MethodContext, ModelOutputs, apply_overrides, get_method
 from ctkd_bench.cli import main
@@ -21,7 +20,7 @@ from ctkd_bench.data.encode import PairEncoder
 from ctkd_bench.data.sources import Example
 from ctkd_bench.errors import UserError
 from ctkd_bench.losses import lm_head_logits
-from ctkd_bench.runner import MethodRun, RunRequest, TrainConfig, run
+from ctkd_bench.runner import MethodRun, run
 
 SRA = get_method("sra")
 TINY_PAIR = "tiny-gemma3:tiny-smollm2"
@@ -479,7 +478,7 @@ def test_spans_of_real_tokenizers_with_byte_tokens_give_finite_centres(smol_tok,
 # ------------------------------------------------------------------------------------------ training
 
 
-def test_every_declared_ablation_trains_two_steps_with_finite_losses(tmp_path, shared_data):
+def test_every_declared_ablation_trains_two_steps_with_finite_losses(tiny_request):
     assert list(SRA.ablations) == [
         "full",
         "no-com-weighting",
@@ -489,15 +488,7 @@ def test_every_declared_ablation_trains_two_steps_with_finite_losses(tmp_path, s
         "no-hidden-alignment",
         "span-logits-only",
     ]
-    request = RunRequest(
-        methods=[MethodRun("sra", name, overrides) for name, overrides in SRA.ablations.items()],
-        pairs=[zoo.parse_pair(TINY_PAIR)],
-        data="dolly",
-        data_dir=str(shared_data),
-        results_dir=tmp_path,
-        progress=False,
-        train=TrainConfig(steps=2, batch_size=2, max_length=96),
-    )
+    request = tiny_request([MethodRun("sra", name, overrides) for name, overrides in SRA.ablations.items()])
     outcomes = run(request)
     assert [o.status for o in outcomes] == ["finished"] * len(SRA.ablations)
     for outcome, (name, overrides) in zip(outcomes, SRA.ablations.items()):
