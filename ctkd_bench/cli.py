@@ -582,6 +582,10 @@ def _cmd_eval(args) -> int:
 
     config = _eval_config(args, args.tasks)
     check_data(config)  # before the model loads (a GGUF conversion takes a minute)
+    if args.no_progress:  # also transformers' own bars ("Loading weights")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     spec = zoo.resolve(args.model)
     device = resolve_device(args.device)
     tokenizer = zoo.load_tokenizer(spec)
