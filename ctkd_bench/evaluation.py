@@ -580,9 +580,8 @@ def check_data(config: EvalConfig) -> None:
             seen.add(key)
             try:
                 load_examples(kwargs["source"], kwargs["split"], config.data_dir)
-            except UserError as err:  # ShareGPT trains but is no evaluation set: drop that hint here
-                reason = str(err).replace(" or use --data sharegpt", "")
-                raise UserError(f"evaluation task {name} ({key[1]} split): {reason}") from None
+            except UserError as err:
+                raise UserError(f"evaluation task {name} ({key[1]} split): {err}") from None
 
 
 def _leaf_order(names: Sequence[str]) -> list[str]:

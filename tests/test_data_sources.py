@@ -288,8 +288,8 @@ def test_hub_download_failure_is_a_user_error(monkeypatch: pytest.MonkeyPatch) -
         load_examples("sinst", "test")
     assert str(err.value) == (
         "sinst: downloading 11_/valid.jsonl from the Hugging Face hub dataset MiniLLM/sinst failed "
-        "(404 Client Error. Entry Not Found); pass --data-dir ../shared/data or use --data sharegpt"
-    )
+        "(404 Client Error. Entry Not Found); pass --data-dir ../shared/data"
+    )  # no "--data sharegpt" hint: ShareGPT replaces training data, never a test set
 
 
 def test_offline_hub_uses_the_cache_or_says_what_to_do(
@@ -304,10 +304,16 @@ def test_offline_hub_uses_the_cache_or_says_what_to_do(
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_download)
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *args, **kwargs: None)
     with pytest.raises(UserError) as err:
-        load_examples("dolly", "dev")
+        load_examples("dolly", "train")
     assert str(err.value) == (
         "dolly: no --data-dir given and the Hugging Face hub is not reachable (MiniLLM/dolly); "
         "pass --data-dir ../shared/data or use --data sharegpt"
+    )
+    with pytest.raises(UserError) as err:
+        load_examples("dolly", "dev")
+    assert str(err.value) == (
+        "dolly: no --data-dir given and the Hugging Face hub is not reachable (MiniLLM/dolly); "
+        "pass --data-dir ../shared/data"
     )
 
     cached = write_jsonl(tmp_path / "valid.jsonl", [{"prompt": "p", "output": "o"}])

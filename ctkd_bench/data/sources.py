@@ -330,16 +330,21 @@ def _load_hub(name: str, split: str) -> list[Example]:
         raise UserError(
             f"{name} has no {split!r} split on the hub ({repo_id}); use one of {', '.join(files)}"
         )
-    path = _hub_download(name, hub_file)
+    path = _hub_download(name, hub_file, split)
     return _read_jsonl(path, source=name, split=split, start=hub_file.start, stop=hub_file.stop)
 
 
-def _hub_download(name: str, hub_file: _HubFile) -> Path:
-    """The local path of a hub file: downloaded when the hub is reachable, else from the HF cache."""
+def _hub_download(name: str, hub_file: _HubFile, split: str) -> Path:
+    """The local path of a hub file: downloaded when the hub is reachable, else from the HF cache.
+
+    The errors suggest ``--data sharegpt`` only for the train split: ShareGPT can replace training data,
+    never an evaluation set.
+    """
     import huggingface_hub  # deferred: only the hub path needs it
     from huggingface_hub.errors import EntryNotFoundError
 
     repo_id, filename = hub_file.repo_id, hub_file.filename
+    alternative = " or use --data sharegpt" if split == "train" else ""
     if hub_reachable():
         try:
             return Path(huggingface_hub.hf_hub_download(repo_id, filename, repo_type="dataset"))
@@ -347,14 +352,14 @@ def _hub_download(name: str, hub_file: _HubFile) -> Path:
             reason = " ".join(str(exc).split())
             raise UserError(
                 f"{name}: downloading {filename} from the Hugging Face hub dataset {repo_id} failed "
-                f"({reason}); pass --data-dir ../shared/data or use --data sharegpt"
+                f"({reason}); pass --data-dir ../shared/data{alternative}"
             ) from exc
     cached = huggingface_hub.try_to_load_from_cache(repo_id, filename, repo_type="dataset")
     if isinstance(cached, str):
         return Path(cached)
     raise UserError(
         f"{name}: no --data-dir given and the Hugging Face hub is not reachable ({repo_id}); "
-        "pass --data-dir ../shared/data or use --data sharegpt"
+        f"pass --data-dir ../shared/data{alternative}"
     )
 
 
