@@ -392,14 +392,20 @@ def _sections(runs: list[Run], evals: list[Run], metric: str) -> list[Section]:
     return sections
 
 
-def _ablation_order(method: str, ablation: str) -> tuple:
-    """``full`` first, then the order in which the method declares its ablations (unknown ones last, by name)."""
+def _method_class(method: str):
+    """The registered class of ``method``, or None for a record of a method not installed here."""
     from ctkd_bench.api import get_method
 
     try:
-        declared = list(get_method(method).ablations)
-    except UserError:  # a method that is not installed here: records still report
-        declared = []
+        return get_method(method)
+    except UserError:
+        return None
+
+
+def _ablation_order(method: str, ablation: str) -> tuple:
+    """``full`` first, then the order in which the method declares its ablations (unknown ones last, by name)."""
+    cls = _method_class(method)
+    declared = list(cls.ablations) if cls is not None else []
     position = declared.index(ablation) if ablation in declared else len(declared)
     return (ablation != "full", position, ablation)
 
@@ -671,12 +677,8 @@ def _footnote(section: Section, report: Report) -> str:
 
 def paper_name(method: str) -> str:
     """How papers print ``method`` (its class's ``paper_name``), else the registered name."""
-    from ctkd_bench.api import get_method
-
-    try:
-        return get_method(method).paper_name or method
-    except UserError:  # a record of a method that is not installed here
-        return method
+    cls = _method_class(method)
+    return (cls.paper_name if cls is not None else "") or method
 
 
 def _display(row: Row) -> str:
