@@ -10,28 +10,14 @@ from pathlib import Path
 import torch
 
 from ctkd_bench import zoo
-from ctkd_bench.runner import MethodRun, RunRequest, TrainConfig, run
+from ctkd_bench.runner import MethodRun, TrainConfig, run
 
 PAIR = (zoo.resolve("tiny-gemma3"), zoo.resolve("tiny-smollm2"))
 
 
-def _request(tmp_path: Path, shared_data: Path, **kw) -> RunRequest:
-    train = kw.pop("train", TrainConfig(steps=2, batch_size=2, max_length=96))
-    return RunRequest(
-        methods=kw.pop("methods", [MethodRun("token-kld")]),
-        pairs=[PAIR],
-        data="dolly",
-        data_dir=str(shared_data),
-        train=train,
-        results_dir=tmp_path / "r",
-        progress=False,
-        **kw,
-    )
-
-
-def test_lora_student_saved_merged_and_reloadable(tmp_path, shared_data):
+def test_lora_student_saved_merged_and_reloadable(tmp_path, tiny_request):
     train = TrainConfig(steps=2, batch_size=2, max_length=96, lora=4, lr=1e-3)
-    [outcome] = run(_request(tmp_path, shared_data, train=train, save_model=tmp_path / "models"))
+    [outcome] = run(tiny_request([MethodRun("token-kld")], train=train, save_model=tmp_path / "models"))
     record = outcome.record
     base = sum(p.numel() for p in zoo.load_model(PAIR[1]).parameters())
     assert 0 < record["trainable_parameters"]["student"] < base / 10  # adapters only
@@ -41,14 +27,14 @@ def test_lora_student_saved_merged_and_reloadable(tmp_path, shared_data):
     assert zoo.same_tokenizer(zoo.load_tokenizer(zoo.resolve(str(folder))), zoo.load_tokenizer(PAIR[1]))
 
 
-def test_same_seed_same_batches_same_losses(tmp_path, shared_data):
+def test_same_seed_same_batches_same_losses(tmp_path, tiny_request):
     methods = [MethodRun("sft")]
-    a = run(_request(tmp_path / "a", shared_data, methods=methods))[0].record
-    b = run(_request(tmp_path / "b", shared_data, methods=methods))[0].record
+    a = run(tiny_request(methods, results_dir=tmp_path / "a"))[0].record
+    b = run(tiny_request(methods, results_dir=tmp_path / "b"))[0].record
     assert a["losses"]["curve"][1]["ce"] == b["losses"]["curve"][1]["ce"]
 
 
-def test_the_teacher_gets_no_gradient_and_no_update(tmp_path, shared_data, monkeypatch):
+def test_the_teacher_gets_no_gradient_and_no_update(tiny_request, monkeypatch):
     import ctkd_bench.runner as runner
 
     seen = {}
@@ -60,13 +46,13 @@ def test_the_teacher_gets_no_gradient_and_no_update(tmp_path, shared_data, monke
         return original(teacher, *args, **kwargs)
 
     monkeypatch.setattr(runner, "teacher_forward", spy)
-    run(_request(tmp_path, shared_data))
+    run(tiny_request([MethodRun("token-kld")]))
     teacher = seen["teacher"]
     assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
     assert all(torch.equal(v, seen["before"][k]) for k, v in teacher.state_dict().items())
 
 
-def test_a_finished_run_releases_its_student_before_the_next_run(tmp_path, shared_data, monkeypatch):
+def test_a_finished_run_releases_its_student_before_the_next_run(tiny_request, monkeypatch):
     """Runs of a sweep or an ablation share one process: a finished student and its optimizer state must
     not stay referenced (accelerate's ``prepare`` keeps them unless released) while the next one trains."""
     import gc
@@ -91,7 +77,7 @@ def test_a_finished_run_releases_its_student_before_the_next_run(tmp_path, share
         MethodRun("token-kld"),
         MethodRun("token-kld", overrides={"temperature": 1.0}),
     ]
-    outcomes = run(_request(tmp_path, shared_data, methods=methods))
+    outcomes = run(tiny_request(methods))
     assert [o.status for o in outcomes] == ["finished"] * 3
     assert alive_at_start == [False, False, False]
 
