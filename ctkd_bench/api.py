@@ -50,9 +50,11 @@ __all__ = [
     "IGNORE_INDEX",
     "DistillBatch",
     "Distiller",
+    "KDConfig",
     "MethodContext",
     "ModelOutputs",
     "Needs",
+    "SettingError",
     "SharedVocab",
     "SideBatch",
     "VocabMap",
@@ -61,6 +63,7 @@ __all__ = [
     "get_method",
     "method_names",
     "register_method",
+    "require",
 ]
 
 ALIGNMENT_ARTIFACTS = frozenset({"spans", "token_pairs", "shared_vocab", "mined"})
@@ -222,6 +225,43 @@ def method_names() -> list[str]:
 # ---------------------------------------------------------------------------------------- config
 
 
+class SettingError(ValueError):
+    """A method setting outside its allowed range; :func:`apply_overrides` names the method in one line."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(f"{name} {message}")
+        self.setting, self.message = name, message
+
+
+def require(config: Any, name: str, ok: bool, allowed: str) -> None:
+    """Raise :class:`SettingError` unless ``ok``: ``require(self, "temperature", t > 0, "> 0")``."""
+    if not ok:
+        raise SettingError(name, f"must be {allowed}, got {getattr(config, name)!r}")
+
+
+@dataclass
+class KDConfig:
+    """The two settings of every logit-KD method: ``(1 - kd_rate)·CE + kd_rate·KD`` at temperature τ.
+
+    Configs of methods derive from it (``class Config(KDConfig)``) and extend ``__post_init__`` (calling
+    ``super().__post_init__()``) to check their own settings with :func:`require`: the checks run when a
+    config is built, i.e. when ``--set`` or an experiment file is read, before any model loads.
+    """
+
+    # methods whose loss is CE + kd_rate·KD (not a mix) allow kd_rate above 1: set this to math.inf
+    max_kd_rate: ClassVar[float] = 1.0
+
+    kd_rate: float = 0.5
+    temperature: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.max_kd_rate == 1.0:
+            require(self, "kd_rate", 0 <= self.kd_rate <= 1, "in [0, 1]")
+        else:
+            require(self, "kd_rate", 0 <= self.kd_rate <= self.max_kd_rate, f"in [0, {self.max_kd_rate}]")
+        require(self, "temperature", self.temperature > 0, "> 0")
+
+
 def config_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else {}
 
@@ -273,4 +313,7 @@ def apply_overrides(config: Any, overrides: dict[str, Any], method: str) -> Any:
                 f"method {method!r} has no setting {key!r}; its settings: {', '.join(sorted(known))}"
             )
         changes[key] = _coerce(value, hints[key], f"{method}.{key}") if isinstance(value, str) else value
-    return dataclasses.replace(config, **changes)
+    try:
+        return dataclasses.replace(config, **changes)
+    except SettingError as err:
+        raise UserError(f"{method}.{err.setting} {err.message}") from None

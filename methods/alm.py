@@ -8,7 +8,7 @@ from typing import Literal
 
 import torch
 
-from ctkd_bench.api import DistillBatch, Distiller, ModelOutputs, Needs, register_method
+from ctkd_bench.api import DistillBatch, Distiller, KDConfig, ModelOutputs, Needs, register_method, require
 
 # Teacher rows per LM-head call: 128 x 262,144 float32 logits = 128 MiB at a time, never B x L x V.
 TEACHER_ROWS_PER_CHUNK = 128
@@ -60,8 +60,10 @@ class ALM(Distiller):
     ``append_space`` and the latent (hidden-state) loss of the full tokenkit recipe are not
     implemented (the notebook's naive version); the per-token log-probabilities are summed with a
     float64 cumulative sum (exact chunk sums for long responses; tokenkit multiplies by a 0/1
-    token-to-chunk matrix); a chunk whose tokens include position 0 on a side (nothing predicts it)
-    is dropped instead of silently losing that token.
+    token-to-chunk matrix). A token at position 0 (nothing predicts it; only possible without any
+    prompt or BOS) leaves its chunk and the rest of the chunk stays, as in tokenkit (its ``[:, 1:]``
+    slices of the alignment matrices); the chunk counts while its teacher side keeps a token (tokenkit's
+    ``aligned_count`` is the teacher's), so a one-token student chunk at position 0 gives ℓ_S = 0.
     """
 
     paper_name = "ALM"
@@ -74,13 +76,17 @@ class ALM(Distiller):
     }
 
     @dataclass
-    class Config:
+    class Config(KDConfig):
         kd_rate: float = 0.5
         temperature: float = 100.0  # tokenkit binarization_temp
         epsilon: float = 1e-6  # tokenkit compute_alm_loss epsilon
         distance: Literal["binary_ce", "abs"] = "binary_ce"
         weighting: Literal["chunk_count", "token_count"] = "chunk_count"
         eos_chunk: bool = True
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            require(self, "epsilon", self.epsilon > 0, "> 0")
 
     @classmethod
     def needs(cls, config) -> Needs:
@@ -131,7 +137,8 @@ def chunk_table(
 
     Returns ``s_start, s_end, t_start, t_end`` long ``[B, K']`` and ``valid`` bool ``[B, K']`` where
     ``K' = K + 1`` with the EOS chunk (``K`` spans otherwise). Starts are raised to 1 (position 0 has
-    no prediction); a chunk is valid when its span is real and it keeps at least one token per side,
+    no prediction, so only that token leaves its chunk); a chunk is valid when its span is real and its
+    teacher side keeps at least one token (a student side left empty sums to ℓ_S = 0, as in tokenkit),
     and (EOS chunk) when both sides carry an EOS label at ``response_end``.
     """
     spans = batch.spans.long()
@@ -153,8 +160,12 @@ def chunk_table(
         t_start = torch.cat([t_start, cols[1].unsqueeze(1)], 1)
         t_end = torch.cat([t_end, cols[1].unsqueeze(1) + 1], 1)
         mask = torch.cat([mask, ok.unsqueeze(1)], 1)
+    # position 0 has no prediction: drop that token only (tokenkit's ``alignment_matrix[:, 1:]``); a chunk
+    # stays valid while its teacher side keeps a token (tokenkit counts a chunk by its teacher tokens),
+    # a student side left empty then has ℓ_S = 0
     s_start, t_start = s_start.clamp(min=1), t_start.clamp(min=1)
-    valid = mask & (s_end > s_start) & (t_end > t_start)
+    s_end = torch.maximum(s_end, s_start)
+    valid = mask & (t_end > t_start)
     return s_start, s_end, t_start, t_end, valid
 
 

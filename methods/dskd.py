@@ -11,7 +11,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ctkd_bench.api import IGNORE_INDEX, DistillBatch, Distiller, ModelOutputs, Needs, register_method
+from ctkd_bench.api import (
+    IGNORE_INDEX,
+    DistillBatch,
+    Distiller,
+    KDConfig,
+    ModelOutputs,
+    Needs,
+    register_method,
+    require,
+)
 from ctkd_bench.errors import UserError
 from ctkd_bench.losses import forward_kl
 
@@ -217,7 +226,7 @@ class DualSpaceKDWithCMA(Distiller):
     }
 
     @dataclass
-    class Config:
+    class Config(KDConfig):
         kd_rate: float = 0.5
         temperature: float = 2.0  # --kd-temperature
         teacher_temperature: float = 1.0  # --teacher-temperature: divides the t2s logits in t2s_kd only
@@ -226,6 +235,12 @@ class DualSpaceKDWithCMA(Distiller):
         student_space: bool = True  # t2s_kd
         teacher_space: bool = True  # s2t_kd
         chunk_size: int = 128  # positions per chunk of the s2t KL (3 x 134 MB fp32 for a 262k vocabulary)
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            require(self, "teacher_temperature", self.teacher_temperature > 0, "> 0")
+            require(self, "projector_lr", self.projector_lr > 0, "> 0")
+            require(self, "chunk_size", self.chunk_size >= 1, "a positive integer")
 
     def __init__(self, config, context) -> None:
         super().__init__(config, context)
@@ -253,11 +268,6 @@ class DualSpaceKDWithCMA(Distiller):
                 "dskd: student_space and teacher_space are both off, so only the projectors would be "
                 "trained; turn one on"
             )
-        for name in ("temperature", "teacher_temperature"):
-            if getattr(config, name) <= 0:
-                raise UserError(f"dskd.{name} must be positive, got {getattr(config, name)}")
-        if config.chunk_size < 1:
-            raise UserError(f"dskd.chunk_size must be a positive integer, got {config.chunk_size}")
         return Needs(teacher_hidden_states=True, student_hidden_states=True, tokenizers="any")
 
     def loss_weights(self) -> dict[str, float]:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ctkd_bench.api import DistillBatch, Distiller, ModelOutputs, Needs, register_method
+from ctkd_bench.api import DistillBatch, Distiller, KDConfig, ModelOutputs, Needs, register_method
 from ctkd_bench.losses import forward_kl
 
 
@@ -26,9 +26,8 @@ class VanillaKD(Distiller):
     summary = "forward KL over the full vocabulary (needs the same tokenizer on both sides)"
 
     @dataclass
-    class Config:
-        kd_rate: float = 0.5
-        temperature: float = 2.0
+    class Config(KDConfig):
+        pass
 
     @classmethod
     def needs(cls, config) -> Needs:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ctkd_bench.api import DistillBatch, Distiller, ModelOutputs, Needs, register_method
+from ctkd_bench.api import DistillBatch, Distiller, KDConfig, ModelOutputs, Needs, register_method
 
 
 @register_method("mined")
@@ -41,9 +41,8 @@ class MinED(Distiller):
     summary = "KL to the teacher distribution carried over by DTW + min-edit-distance vocabulary map"
 
     @dataclass
-    class Config:
-        kd_rate: float = 0.5
-        temperature: float = 2.0
+    class Config(KDConfig):
+        pass
 
     def __init__(self, config, context) -> None:
         super().__init__(config, context)

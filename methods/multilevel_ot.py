@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -10,7 +12,8 @@ from ctkd_bench.methods.uld import chunk_rows
 from torch.utils.checkpoint import checkpoint
 
 from ctkd_bench.alignment.positions import AlignedPositions, align_response_positions
-from ctkd_bench.api import DistillBatch, Distiller, ModelOutputs, Needs, register_method
+from ctkd_bench.api import DistillBatch, Distiller, KDConfig, ModelOutputs, Needs, register_method, require
+from ctkd_bench.errors import UserError
 
 STD_EPS = 1e-4  # the reference's normalize(): z / (std(z) + 0.0001)
 
@@ -113,6 +116,21 @@ def sinkhorn_transport_cost(
     return (plan * cost).sum((1, 2))
 
 
+def per_example_mean(values: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` ``[N]`` within each example: ``Σ_{n: rows[n] = b} values[n] / counts[b]``.
+
+    Args:
+        values: float ``[N]``, one value per aligned pair.
+        rows: long ``[N]``, each pair's example.
+        counts: long ``[B]``, pairs per example (an example without pairs gets 0).
+
+    Returns:
+        float ``[B]``.
+    """
+    sums = values.new_zeros(counts.shape[0]).index_add(0, rows, values)
+    return sums / counts.clamp_min(1).to(values.dtype)
+
+
 @register_method("multilevel-ot", aliases=("mlot",))
 class MultiLevelOT(Distiller):
     """Token- and sequence-level optimal-transport distances between top-k sorted distributions.
@@ -120,7 +138,8 @@ class MultiLevelOT(Distiller):
     Cui et al., "Multi-Level Optimal Transport for Universal Cross-Tokenizer Knowledge Distillation on
     Language Models", AAAI 2025, arXiv 2412.14528. References: ``2018cx/Multi-Level-OT:models/
     distillation_model.py`` (``DistillationLoss``, ``f = 1``) and its Dolly-protocol port
-    ``HoangTran223/MCW-KD:code/criterions/MultiLevelOT.py`` (the defaults here).
+    ``HoangTran223/MCW-KD:code/criterions/MultiLevelOT.py`` (the defaults here, except ``reduction``:
+    the original's normalization of each term).
 
     Positions: as :class:`~ctkd_bench.methods.uld.ULD`, each side's logits positions predicting a
     response target (EOS included), paired by index from the response starts, ``min(n_S, n_T)`` pairs
@@ -132,17 +151,29 @@ class MultiLevelOT(Distiller):
        batch (one permutation per side and batch), keep the top ``k = 50`` columns: ``p̃`` ``[n, k]``
        (the side with fewer than ``k`` entries zero-padded).
 
-    Terms, per aligned pair ``t`` (``N`` pairs in the batch):
+    Terms, per aligned pair ``t`` of example ``b`` (``n_b`` pairs; ``B'`` examples with ``n_b > 0``):
 
-    * ``ot_had`` (token level, L1): ``mean_t Σ_j |p̃_S(t)_j − p̃_T(t)_j|``;
-    * ``ot_sl`` (token level, soft cross-entropy ``KL_wo`` of the port): ``mean_t −Σ_j
-      softmax(p̃_T(t))_j · log softmax(p̃_S(t))_j`` (a softmax of the top-k probabilities, τ = 1);
+    * ``ot_had`` (token level, L1): ``h_t = Σ_j |p̃_S(t)_j − p̃_T(t)_j|``;
+    * ``ot_sl`` (token level, soft cross-entropy ``KL_wo``): ``s_t = −Σ_j softmax(p̃_T(t))_j ·
+      log softmax(p̃_S(t))_j`` (a softmax of the top-k probabilities, τ = 1);
     * ``ot_sd`` (sequence level, Sinkhorn): per example, ``x_t = softmax(p̃_S(t)/2)``,
       ``y_u = softmax(p̃_T(u)/2)`` over its pairs, ``W_tu = ||x_t − y_u||_1``, ``K = exp(−W/0.1)``,
-      10 rounds of row then column normalization → ``P``; ``0.001·Σ P·W``; mean over examples.
+      10 rounds of row then column normalization → ``P``; ``d_b = 0.001·Σ P·W``.
+
+    Reduction (``reduction``):
+
+    * ``"example"`` (default, the original ``DistillationLoss``: ``distillation_loss[i] = |s − t|[:size]
+      .sum(-1).mean(-1)``, then ``.mean()`` over the examples, plus ``Σ_i`` of the per-example Sinkhorn
+      costs): ``ot_had = (1/B') Σ_b (1/n_b) Σ_{t∈b} h_t``, ``ot_sl = (1/B') Σ_b (1/n_b) Σ_{t∈b} s_t``,
+      ``ot_sd = Σ_b d_b`` (summed, so its weight grows with the micro-batch size, as in the original);
+    * ``"token"``: ``ot_had = mean_t h_t`` and ``ot_sl = mean_t s_t`` over all aligned pairs of the
+      batch (each token weighs the same, long responses weigh more), ``ot_sd = (1/B') Σ_b d_b``.
 
     ``KD = ot_had + 0.1·ot_sl + 0.1·ot_sd``; ``loss = CE + 1.0·KD`` (the port's ``CE + kd_rate·KD``).
     The three sub-terms are returned unweighted, for logging only (not in :meth:`loss_weights`).
+    Checked against the original code run on the same random logits (three examples with 7, 4 and 5
+    aligned pairs, vocabularies 80 / 120, τ = 2): the KD terms agree to 3e-7 relative with
+    ``reduction="example"`` (3.6e-4 with ``"token"``); what remains is deviations (a) and (e) below.
 
     A property of the reference formulation, kept as is: SL and SD apply a softmax to *probabilities*
     (values in [0, 1]), which gives nearly uniform distributions, so SL stays close to ``ln k`` (3.912
@@ -150,16 +181,22 @@ class MultiLevelOT(Distiller):
     gradient. On the real pair (gemma3-270m → smollm2-135m) the records show ``ot_sl = 3.9120`` and
     ``ot_sd < 1e-4`` at every step.
 
-    Deviations: (a) every term is restricted to the aligned response positions: the port averages HAD
-    and SL over all ``B × L`` rotated positions (prompt and padding included) and runs Sinkhorn over
-    the full padded sequences, the original over zero-padded answers up to the batch's longest answer;
-    (b) the global mass is summed over response positions only (the port sums over every position);
-    (c) SD is averaged over examples, the references *sum* it over the micro-batch (its weight then grows
-    with the batch size); (d) the port multiplies the scalar loss by the number of valid positions and
-    divides by the number of student target tokens (≈ 1), here KD is a plain per-token mean; (e) the
-    SL direction is the port's (teacher as target; the original code passes the arguments the other
-    way round); (f) Sinkhorn runs batched over examples with masked padding instead of a Python loop
-    over examples (same values). The original's greedy column matching (``f = 2``) is not provided.
+    Deviations: (a) every term is restricted to the aligned response positions: the original
+    zero-pads each side's answer to the batch's longest answer and runs SL over that whole
+    ``B × max_len`` grid (positions where one or both sides are padding included; a both-padded
+    position contributes exactly ``ln k``, close to every real value, see above) and Sinkhorn over the
+    zero-padded sequences; the port averages HAD and SL over all ``B × L`` rotated positions (prompt and
+    padding included) and runs Sinkhorn over the full padded sequences; here, under ``"example"``, SL is
+    averaged over each example's aligned pairs, then over the examples; (b) the global mass is summed
+    over response positions only (the port sums over every position); (c) an example without aligned
+    pairs is left out of every mean (the original's per-example mean would be NaN); (d) the port
+    multiplies the scalar loss by the number of valid positions and divides by the number of student
+    target tokens, its own normalization, not reproduced; (e) the SL direction is the port's (teacher as
+    target) and the Sinkhorn plan's rows are the student positions (the port's ``sinkhorn(student,
+    teacher)``); the original passes both the other way round (``KL_wo(teacher, student)``,
+    ``sinkorn_loss(teacher, student)``); (f) Sinkhorn runs batched over examples with masked padding
+    instead of a Python loop over examples (same values). The original's greedy column matching
+    (``f = 2``) is not provided.
     """
 
     paper_name = "MultiLevelOT"
@@ -173,7 +210,8 @@ class MultiLevelOT(Distiller):
     }
 
     @dataclass
-    class Config:
+    class Config(KDConfig):
+        max_kd_rate: ClassVar[float] = math.inf  # CE + kd_rate·KD, not a mix
         kd_rate: float = 1.0  # port: CE + kd_rate·KD (the original README example uses 1.5)
         temperature: float = 2.0  # first softmax, both sides (port: 2.0; original: 1.0)
         top_k: int = 50
@@ -183,17 +221,24 @@ class MultiLevelOT(Distiller):
         sinkhorn_epsilon: float = 0.1
         sinkhorn_iterations: int = 10
         sinkhorn_scale: float = 0.001  # the reference's per-example 0.001 factor
+        # "example": the original's normalization (HAD and SL averaged within each example, then over the
+        # examples; SD summed over the examples); "token": HAD and SL averaged over all aligned pairs of
+        # the batch, SD averaged over the examples
+        reduction: Literal["example", "token"] = "example"
 
-    def __init__(self, config, context) -> None:
-        super().__init__(config, context)
-        for name in ("temperature", "sinkhorn_temperature", "sinkhorn_epsilon"):
-            if getattr(config, name) <= 0:
-                raise ValueError(f"multilevel-ot.{name} must be positive, got {getattr(config, name)}")
-        if config.top_k < 1 or config.sinkhorn_iterations < 1:
-            raise ValueError("multilevel-ot.top_k and sinkhorn_iterations must be at least 1")
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            for name in ("sinkhorn_temperature", "sinkhorn_epsilon"):
+                require(self, name, getattr(self, name) > 0, "> 0")
+            for name in ("top_k", "sinkhorn_iterations"):
+                require(self, name, getattr(self, name) >= 1, "a positive integer")
+            for name in ("sl_weight", "sd_weight", "sinkhorn_scale"):
+                require(self, name, getattr(self, name) >= 0, ">= 0")
 
     @classmethod
     def needs(cls, config) -> Needs:
+        if config.reduction not in ("example", "token"):
+            raise UserError(f"multilevel-ot.reduction: expected example or token, got {config.reduction!r}")
         return Needs(teacher_logits=True, tokenizers="any")
 
     def loss_weights(self) -> dict[str, float]:
@@ -232,8 +277,14 @@ class MultiLevelOT(Distiller):
         gap = p_s.shape[-1] - p_t.shape[-1]  # zero-pad the narrower side, as the reference does
         p_s, p_t = F.pad(p_s, (0, max(-gap, 0))), F.pad(p_t, (0, max(gap, 0)))
 
-        had = (p_s - p_t).abs().sum(-1).mean()
-        sl = -(torch.softmax(p_t, -1) * torch.log_softmax(p_s, -1)).sum(-1).mean()
+        had = (p_s - p_t).abs().sum(-1)  # [N], one value per aligned pair
+        sl = -(torch.softmax(p_t, -1) * torch.log_softmax(p_s, -1)).sum(-1)
+        has_pairs = aligned.counts > 0
+        if c.reduction == "example":  # the original: per example, then over the examples
+            had = per_example_mean(had, aligned.rows, aligned.counts)[has_pairs].mean()
+            sl = per_example_mean(sl, aligned.rows, aligned.counts)[has_pairs].mean()
+        else:  # "token": one mean over every aligned pair of the batch
+            had, sl = had.mean(), sl.mean()
 
         # sequence level: pad each example's aligned pairs into [B, n_max, k] and transport
         size, n_max = aligned.counts.shape[0], int(aligned.counts.max())
@@ -244,5 +295,6 @@ class MultiLevelOT(Distiller):
         x = torch.softmax(x / c.sinkhorn_temperature, -1)
         y = torch.softmax(y / c.sinkhorn_temperature, -1)
         per_example = sinkhorn_transport_cost(x, y, mask, c.sinkhorn_epsilon, c.sinkhorn_iterations)
-        sd = c.sinkhorn_scale * per_example[aligned.counts > 0].mean()
+        per_example = c.sinkhorn_scale * per_example[has_pairs]
+        sd = per_example.sum() if c.reduction == "example" else per_example.mean()
         return {"ot_had": had, "ot_sl": sl, "ot_sd": sd}

@@ -9,13 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ctkd_bench.api import DistillBatch, Distiller, ModelOutputs, Needs, register_method
+from ctkd_bench.api import DistillBatch, Distiller, KDConfig, ModelOutputs, Needs, register_method
 from ctkd_bench.errors import UserError
 from ctkd_bench.losses import forward_kl
 
 # Added to every token's attention mass inside a span (masses are normalized to sum to 1 over the
-# sequence, so this is far below any real mass): a span whose tokens all get zero attention then has
-# the plain mean of its tokens as centre of mass and a tiny positive weight, instead of 0/0.
+# sequence): a span whose tokens all get zero attention then has the plain mean of its tokens as centre
+# of mass and a tiny positive weight, instead of 0/0. It is not always negligible: an n-token span of
+# mass m has its centre moved toward its plain mean by the fraction n·ε/(m + n·ε), which is visible when
+# m falls below ~1e-7 (see the SRA docstring's deviations).
 MASS_EPSILON = 1e-8
 # eps of the cosines and of the L2 normalization of the Gram matrices (the reference's value).
 COSINE_EPSILON = 1e-5
@@ -230,9 +232,9 @@ class SRA(Distiller):
       ``p = 1`` (``1/K`` with ``span_weighting="uniform"``).
 
     Losses (normalization: ``hs`` and ``geo`` are per-example weighted sums over spans, whose weights sum
-    to 1, averaged over the examples that have spans, exactly as the reference's ``.sum(-1).mean()``;
-    ``span_kd`` is the mean over all valid spans of the batch, the span analogue of the harness's
-    per-token mean, see the deviations):
+    to 1, averaged over the examples that have spans (resp. span pairs), as the reference's
+    ``.sum(-1).mean()`` / ``.sum() / B`` when every example has two spans or more; ``span_kd`` is summed
+    over the spans and divided by the batch size, as the reference's ``soft_label_distill_loss``):
 
     * ``hs = Σ_l β_l mean_b Σ_k w_k (1 − cos(W_l c^S_k, c^T_k))``, ``W_l ∈ R^{d_S×d_T}`` learned, xavier-
       uniform init, no bias (``SRAv2`` with ``orthogonal=False``, as in every script), own AdamW group with
@@ -243,9 +245,14 @@ class SRA(Distiller):
     * ``geo = mean_b Σ_{k≠k'} π_kk' (cos(c^S_k, c^S_k') − cos(c^T_k, c^T_k'))²``, ``π ∝ w_k w_k'`` with a
       zero diagonal, normalized over each example's off-diagonal pairs, on the unprojected centres and
       the weights of the **last** pair of ``layers``;
-    * ``span_kd = mean_k KL(softmax(z^T_k[V∩]/τ) ‖ softmax(z^S_k[V∩]/τ))``, ``z^M_k = LMHead_M(c^M_k)`` each
-      model's own head on its own centre at its **final** layer, restricted to the shared vocabulary,
-      τ = 2, no τ² factor (reference ``soft_label_distill_loss``);
+    * ``span_kd = (1/B) Σ_b Σ_k KL(softmax(z^T_bk[V∩]/τ) ‖ softmax(z^S_bk[V∩]/τ))``, ``z^M_k =
+      LMHead_M(c^M_k)`` each model's own head on its own centre at its **final** layer, restricted to the
+      shared vocabulary, τ = 2, no τ² factor (``SRAv2/run_llm.py::soft_label_distill_loss``: ``(loss *
+      mask).sum() / student_logits.size(0)``; the same in ``SRE/llm_train.py``); ``B`` counts every
+      example of the micro-batch, those without spans included. With ``K`` spans per example this is
+      ``K`` times the mean over spans, so the term grows with the response length, as in the reference.
+      ``span_kd_reduction="mean"`` gives the mean over the batch's spans instead (``1/K`` of the
+      reference's weight, the span analogue of a per-token mean);
     * ``loss = 0.5·CE + 0.5·(hs + λ_geo·geo + span_kd)``, i.e. weights ``ce 0.5, hs 0.5, geo 0.5·λ_geo,
       span_kd 0.5`` (``hard_label_loss_weight 0.5`` in the scripts); ``λ_geo = 50``:
       ``SRE/arguments.py`` at commit d32ad955 (the commit whose ``llm_train.py`` computes exactly
@@ -275,15 +282,21 @@ class SRA(Distiller):
     * missing attentions raise an error; the reference silently substitutes all-ones attention;
     * the same hidden-state convention on both sides (above); span logits from the final layer, which is
       the reference's "last mapped layer" whenever the mapping ends at the last layers (all its scripts);
-    * the zero-mass guard adds ``MASS_EPSILON = 1e-8`` to every token's mass inside a span (the centre
-      stays a convex combination of the span's tokens; a zero-mass span gets its plain mean); the
-      reference clamps the denominator at 1e-5, which shrinks the centres of low-mass spans toward 0 (no
-      effect on cosines, but it flattens their span logits);
-    * ``span_kd`` is the mean over the batch's spans (``span_kd_reduction="mean"``); the reference sums
-      over spans and divides by the batch size (``"sum"``), which scales the term with the number of
-      spans (≈ response length) and makes it ≈K times larger than the other terms;
-    * ``hs``/``geo`` average over the examples that have spans (resp. span pairs) rather than over the
-      whole batch (identical when every example has two spans or more);
+    * the zero-mass guard adds ``MASS_EPSILON = 1e-8`` to every token's mass inside a span, where the
+      reference divides by ``max(Σ_{u∈k} a(u), 1e-5)``. Ours keeps the centre a convex combination of
+      the span's tokens (a zero-mass span gets its plain mean) but moves an ``n``-token span of mass
+      ``m`` toward its plain mean by the fraction ``nε/(m + nε)``: < 0.1 % for ``m ≥ 1e-5·n``, 2 % for a
+      two-token span at ``m = 1e-6``, 17 % at ``m = 1e-7`` (one-token spans never change; span weights
+      change by ``nε/m`` relative, on spans whose weight is ~0 anyway). The reference's clamp instead
+      scales the centre of a span with ``m < 1e-5`` by ``m/1e-5``: its span logits are flattened by that
+      factor, and its cosines (``hs``) and Gram entries (``geo``) are unaffected only while the shrunken
+      norm ``(m/1e-5)·||c||`` stays above the cosine eps 1e-5 (each norm is clamped at eps); below it,
+      i.e. ``m < 1e-10/||c||``, they shrink toward 0 too. Both conventions agree for spans with
+      ``m ≳ 1e-5``;
+    * ``geo`` averages over the examples that have a pair of spans; the reference divides by the batch
+      size ``B``, so when ``B'`` of the ``B`` examples have two spans or more ours is ``B/B'`` times the
+      reference's (identical when every example does); ``hs`` averages over the examples that have a
+      span (the reference's ``.mean()`` over ``B`` would give NaN for an example without spans);
     * the shared vocabulary is the harness's (surface strings compared by their bytes, so ``Ġthe`` and
       ``▁the`` match; the two EOS paired); the reference matches raw vocabulary strings exactly;
     * not implemented: the optional layer-to-layer "derivative" loss of ``SRAv2`` (absent from the latest
@@ -306,7 +319,7 @@ class SRA(Distiller):
     }
 
     @dataclass
-    class Config:
+    class Config(KDConfig):
         kd_rate: float = 0.5  # 1 - hard_label_loss_weight
         layers: tuple[str, ...] = ("-1:-1",)  # "TEACHER:STUDENT" 1-based layer pairs, -1 = last
         layer_weights: tuple[float, ...] = ()  # β_l (normalized to sum 1); empty: uniform
@@ -315,7 +328,7 @@ class SRA(Distiller):
         span_weight_power: float = 1.0  # p
         projector_lr: float = 5e-4
         projector_weight_decay: float = 0.0
-        span_kd_reduction: Literal["mean", "sum"] = "mean"
+        span_kd_reduction: Literal["sum", "mean"] = "sum"  # reference: Σ over spans / batch size
         com_weighting: Literal["attention", "uniform"] = "attention"
         span_weighting: Literal["attention", "uniform"] = "attention"
         regularizer: bool = True
@@ -371,15 +384,13 @@ class SRA(Distiller):
         for name in ("com_weighting", "span_weighting"):
             if getattr(config, name) not in ("attention", "uniform"):
                 raise UserError(f"sra.{name}: expected attention or uniform, got {getattr(config, name)!r}")
-        if config.span_kd_reduction not in ("mean", "sum"):
-            raise UserError(f"sra.span_kd_reduction: expected mean or sum, got {config.span_kd_reduction!r}")
+        if config.span_kd_reduction not in ("sum", "mean"):
+            raise UserError(f"sra.span_kd_reduction: expected sum or mean, got {config.span_kd_reduction!r}")
         if not (config.hidden_alignment or config.regularizer or config.span_logits):
             raise UserError(
                 "sra: hidden_alignment, regularizer and span_logits are all off, so there is nothing to "
                 "distill; turn one on, or use the sft method"
             )
-        if config.temperature <= 0:
-            raise UserError(f"sra.temperature must be positive, got {config.temperature}")
 
     @classmethod
     def needs(cls, config) -> Needs:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ctkd_bench.api import DistillBatch, Distiller, ModelOutputs, Needs, register_method
+from ctkd_bench.api import DistillBatch, Distiller, KDConfig, ModelOutputs, Needs, register_method
 from ctkd_bench.losses import forward_kl
 
 
@@ -37,9 +37,8 @@ class TokenKLD(Distiller):
     summary = "KL on exactly-aligned token pairs over the shared vocabulary (token-level baseline)"
 
     @dataclass
-    class Config:
-        kd_rate: float = 0.5
-        temperature: float = 2.0
+    class Config(KDConfig):
+        pass
 
     def __init__(self, config, context) -> None:
         super().__init__(config, context)

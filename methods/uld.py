@@ -8,7 +8,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ctkd_bench.alignment.positions import AlignedPositions, align_response_positions
-from ctkd_bench.api import DistillBatch, Distiller, ModelOutputs, Needs, register_method
+from ctkd_bench.api import DistillBatch, Distiller, KDConfig, ModelOutputs, Needs, register_method, require
 
 # Rows of a [rows, V] float32 temporary per chunk: softmax and sort over a 262k vocabulary are done on
 # at most this many elements at once (64 teacher positions, 341 student positions).
@@ -123,16 +123,15 @@ class ULD(Distiller):
     ablations = {"original": {"original": True}}
 
     @dataclass
-    class Config:
+    class Config(KDConfig):
         kd_rate: float = 0.5  # DSKD: (1 - kd_rate)·CE + kd_rate·ULD
         original: bool = False  # the paper's CE + 1.5·ULD instead
         distil_factor: float = 1.5  # λ of the original (used when original=True)
         temperature: float = 1.0  # both sides, as the original (DSKD: none, i.e. 1)
 
-    def __init__(self, config, context) -> None:
-        super().__init__(config, context)
-        if config.temperature <= 0:
-            raise ValueError(f"uld.temperature must be positive, got {config.temperature}")
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            require(self, "distil_factor", self.distil_factor >= 0, ">= 0")
 
     @classmethod
     def needs(cls, config) -> Needs:

@@ -238,22 +238,40 @@ def test_an_example_without_spans():
     assert torch.equal(s.grad, torch.zeros_like(s))
 
 
-def test_a_chunk_holding_position_zero_is_dropped():
-    # the student has no prefix and an empty prompt: its token 0 is a response token nothing predicts
+def test_a_token_at_position_zero_leaves_its_chunk_and_the_chunk_stays():
+    # the student has no prefix and an empty prompt: its token 0 is a response token nothing predicts.
+    # tokenkit slices the alignment matrices [:, 1:]: only that token leaves, the chunk stays while its
+    # teacher side keeps a token (its chunk count is the teacher's), with ℓ_S = 0 when the student side
+    # is left empty
     student = side([[2, 1, 0]], [0], [2], [True])
     teacher = side([[4, 1, 3, 0]], [1], [3], [True])
-    batch = make_batch(student, teacher, [[(0, 1, 1, 2), (1, 2, 2, 3)]])
     g = torch.Generator().manual_seed(3)
     s_logits, t_logits = torch.randn(1, 3, 3, generator=g), torch.randn(1, 4, 5, generator=g)
+    s_ids, t_ids = [2, 1, 0], [4, 1, 3, 0]
+
+    def reference(chunks):
+        return reference_kd([(s_logits[0].tolist(), s_ids, t_logits[0].tolist(), t_ids, chunks)])
+
+    # one-token student chunk at 0: kept, student side empty (ℓ_S = 0), plus the next chunk and EOS
+    batch = make_batch(student, teacher, [[(0, 1, 1, 2), (1, 2, 2, 3)]])
     kd = alm()(batch, outputs(s_logits), outputs(t_logits))["kd"]
-    example = (
-        s_logits[0].tolist(),
-        [2, 1, 0],
-        t_logits[0].tolist(),
-        [4, 1, 3, 0],
-        [(1, 2, 2, 3), (2, 3, 3, 4)],
+    expected_chunks = [(1, 1, 1, 2), (1, 2, 2, 3), (2, 3, 3, 4)]
+    assert kd.item() == pytest.approx(reference(expected_chunks), rel=1e-5)
+    # a two-token student chunk starting at 0 keeps its token 1
+    batch = make_batch(student, teacher, [[(0, 2, 1, 3)]])
+    kd = alm(eos_chunk=False)(batch, outputs(s_logits), outputs(t_logits))["kd"]
+    assert kd.item() == pytest.approx(reference([(1, 2, 1, 3)]), rel=1e-5)
+    # a teacher side holding only position 0 leaves nothing to count: the chunk is dropped
+    teacher0 = side([[1, 3, 0]], [0], [2], [True])
+    t0_logits = torch.randn(1, 3, 5, generator=g)
+    s1 = side([[4, 2, 1, 0]], [1], [3], [True])
+    s1_logits = torch.randn(1, 4, 3, generator=g)
+    batch = make_batch(s1, teacher0, [[(1, 2, 0, 1), (2, 3, 1, 2)]])
+    kd = alm(eos_chunk=False)(batch, outputs(s1_logits), outputs(t0_logits))["kd"]
+    only = reference_kd(
+        [(s1_logits[0].tolist(), [4, 2, 1, 0], t0_logits[0].tolist(), [1, 3, 0], [(2, 3, 1, 2)])]
     )
-    assert kd.item() == pytest.approx(reference_kd([example]), rel=1e-5)
+    assert kd.item() == pytest.approx(only, rel=1e-5)
 
 
 def test_gradients_reach_the_student_never_the_teacher():

@@ -301,26 +301,16 @@ def test_geometry_is_zero_when_the_gram_matrices_agree_and_positive_otherwise():
     assert differs["geo"].item() > 1e-4
 
 
-def test_span_logit_kl_on_a_two_word_shared_vocabulary_by_hand():
-    # student vocabulary 3, teacher vocabulary 4; shared: student (0, 2) <-> teacher (3, 1)
-    shared = SharedVocab(torch.tensor([0, 2]), torch.tensor([3, 1]))
-    w_s = torch.tensor([[1.0, 0.5], [0.0, 2.0], [-1.0, 1.0]])
-    w_t = torch.tensor([[9.0, 9.0], [2.0, -1.0], [9.0, -9.0], [0.5, 1.5]])
-    mask = [[1, 1, 1, 1], [1, 1, 1, 0]]
-    spans = [[(0, 2, 0, 1), (2, 4, 1, 4)], [(1, 3, 0, 3)]]
-    s_hidden = torch.tensor(
-        [[[1.0, 0.0], [0.0, 1.0], [2.0, 2.0], [-1.0, 0.5]], [[0.3, 0.3], [1.0, -1.0], [0.0, 2.0], [5.0, 5.0]]]
-    )
-    t_hidden = torch.tensor(
-        [[[0.5, 1.0], [1.0, 1.0], [-2.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, -1.0], [2.0, 1.0], [9.0, 9.0]]]
-    )
-    ctx = _context(shared=shared)
-    cfg = {"com_weighting": "uniform", "hidden_alignment": False, "regularizer": False}
-    method = _method(ctx, **cfg)
-    assert method.loss_weights() == {"ce": 0.5, "span_kd": 0.5}
-    student = _outputs(s_hidden, None, head=lambda h, rows: h @ w_s[rows].T)
-    teacher = _outputs(t_hidden, None, head=lambda h, rows: h @ w_t[rows].T)
-    terms = method(_batch(mask, mask, spans), student, teacher)
+# student vocabulary 3, teacher vocabulary 4; shared: student (0, 2) <-> teacher (3, 1)
+KL_SHARED = SharedVocab(torch.tensor([0, 2]), torch.tensor([3, 1]))
+KL_W_S = torch.tensor([[1.0, 0.5], [0.0, 2.0], [-1.0, 1.0]])
+KL_W_T = torch.tensor([[9.0, 9.0], [2.0, -1.0], [9.0, -9.0], [0.5, 1.5]])
+KL_CFG = {"com_weighting": "uniform", "hidden_alignment": False, "regularizer": False}
+
+
+def loop_span_kls(s_hidden, t_hidden, spans) -> list[list[float]]:
+    """Per example, per span: KL(softmax(z_T/2) || softmax(z_S/2)) on the shared vocabulary, where
+    z_M = LMHead_M(plain mean of the span's hidden states), written out with Python floats."""
 
     def mean(rows):
         return [sum(r[j] for r in rows) / len(rows) for j in range(2)]
@@ -331,16 +321,72 @@ def test_span_logit_kl_on_a_two_word_shared_vocabulary_by_hand():
 
     kls = []
     for b, example in enumerate(spans):
+        kls.append([])
         for s0, s1, t0, t1 in example:
             cs, ct = mean(s_hidden[b, s0:s1].tolist()), mean(t_hidden[b, t0:t1].tolist())
-            zs = [sum(cs[j] * w_s[v, j].item() for j in range(2)) for v in (0, 2)]
-            zt = [sum(ct[j] * w_t[v, j].item() for j in range(2)) for v in (3, 1)]
+            zs = [sum(cs[j] * KL_W_S[v, j].item() for j in range(2)) for v in (0, 2)]
+            zt = [sum(ct[j] * KL_W_T[v, j].item() for j in range(2)) for v in (3, 1)]
             p, q = softmax(zt), softmax(zs)
-            kls.append(sum(pi * math.log(pi / qi) for pi, qi in zip(p, q)))
+            kls[-1].append(sum(pi * math.log(pi / qi) for pi, qi in zip(p, q)))
+    return kls
+
+
+def _kl_outputs(s_hidden, t_hidden):
+    student = _outputs(s_hidden, None, head=lambda h, rows: h @ KL_W_S[rows].T)
+    teacher = _outputs(t_hidden, None, head=lambda h, rows: h @ KL_W_T[rows].T)
+    return student, teacher
+
+
+def test_span_logit_kl_on_a_two_word_shared_vocabulary_by_hand():
+    mask = [[1, 1, 1, 1], [1, 1, 1, 0]]
+    spans = [[(0, 2, 0, 1), (2, 4, 1, 4)], [(1, 3, 0, 3)]]
+    s_hidden = torch.tensor(
+        [[[1.0, 0.0], [0.0, 1.0], [2.0, 2.0], [-1.0, 0.5]], [[0.3, 0.3], [1.0, -1.0], [0.0, 2.0], [5.0, 5.0]]]
+    )
+    t_hidden = torch.tensor(
+        [[[0.5, 1.0], [1.0, 1.0], [-2.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, -1.0], [2.0, 1.0], [9.0, 9.0]]]
+    )
+    ctx = _context(shared=KL_SHARED)
+    method = _method(ctx, **KL_CFG)
+    assert method.loss_weights() == {"ce": 0.5, "span_kd": 0.5}
+    assert method.config.span_kd_reduction == "sum"  # the reference's reduction by default
+    terms = method(_batch(mask, mask, spans), *_kl_outputs(s_hidden, t_hidden))
+    kls = [kl for example in loop_span_kls(s_hidden, t_hidden, spans) for kl in example]
+    assert len(kls) == 3
     assert set(terms) == {"span_kd"}
-    assert terms["span_kd"].item() == pytest.approx(sum(kls) / 3, rel=1e-5)  # mean over the 3 spans
-    summed = _method(ctx, span_kd_reduction="sum", **cfg)(_batch(mask, mask, spans), student, teacher)
-    assert summed["span_kd"].item() == pytest.approx(sum(kls) / 2, rel=1e-5)  # reference: sum / batch
+    assert terms["span_kd"].item() == pytest.approx(sum(kls) / 2, rel=1e-5)  # reference: sum / batch
+    mean = _method(ctx, span_kd_reduction="mean", **KL_CFG)
+    got = mean(_batch(mask, mask, spans), *_kl_outputs(s_hidden, t_hidden))
+    assert got["span_kd"].item() == pytest.approx(sum(kls) / 3, rel=1e-5)  # mean over the 3 spans
+
+
+def test_span_kd_reduction_is_the_references_sum_over_spans_divided_by_the_batch_size():
+    # four examples with 2, 1, 0 and 3 spans: the reference's (1/B) Σ_b Σ_k KL counts the spanless example
+    mask = [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+    spans = [
+        [(0, 2, 0, 1), (2, 5, 1, 4)],
+        [(1, 3, 0, 2)],
+        [],
+        [(0, 1, 0, 2), (1, 3, 2, 3), (3, 5, 3, 5)],
+    ]
+    g = torch.Generator().manual_seed(11)
+    s_hidden, t_hidden = torch.randn(4, 5, 2, generator=g) * 2, torch.randn(4, 5, 2, generator=g) * 2
+    kls = loop_span_kls(s_hidden, t_hidden, spans)
+    reference = 0.0
+    for example in kls:  # the reference's loop: Σ over examples of Σ over their spans, then / B
+        for kl in example:
+            reference += kl
+    reference /= len(spans)
+    per_span_mean = sum(sum(e) for e in kls) / sum(len(e) for e in kls)
+    assert reference == pytest.approx(6 / 4 * per_span_mean)  # K̄ = 6 spans / 4 examples
+    ctx = _context(shared=KL_SHARED)
+    batch = _batch(mask, mask, spans)
+    summed = _method(ctx, **KL_CFG)(batch, *_kl_outputs(s_hidden, t_hidden))
+    assert summed["span_kd"].item() == pytest.approx(reference, rel=1e-5)
+    mean = _method(ctx, span_kd_reduction="mean", **KL_CFG)(batch, *_kl_outputs(s_hidden, t_hidden))
+    assert mean["span_kd"].item() == pytest.approx(per_span_mean, rel=1e-5)
+    with pytest.raises(UserError, match="sra.span_kd_reduction"):
+        _method(ctx, span_kd_reduction="batchmean", **KL_CFG)
 
 
 def test_gradients_reach_the_student_and_the_projector_never_the_teacher():

@@ -16,6 +16,7 @@ from ctkd_bench.cli import main
 from ctkd_bench.data.batch import DistillBatch, SideBatch, collate
 from ctkd_bench.data.encode import PairEncoder
 from ctkd_bench.data.sources import Example, format_prompt
+from ctkd_bench.errors import UserError
 
 TINY_PAIR = "tiny-gemma3:tiny-smollm2"
 
@@ -274,8 +275,13 @@ def _normalized_softmax(z: list[float], tau: float) -> list[float]:
     return softmax([v / (std + 1e-4) for v in z], tau)
 
 
-def loop_mlot(s_logits, t_logits, s_labels, t_labels, top_k, tau=2.0):
-    """Every MultiLevelOT term by hand: per-side global mass order, top-k, HAD / SL / Sinkhorn."""
+def loop_mlot(s_logits, t_logits, s_labels, t_labels, top_k, tau=2.0, reduction="example"):
+    """Every MultiLevelOT term by hand: per-side global mass order, top-k, HAD / SL / Sinkhorn.
+
+    ``reduction="example"`` is the original DistillationLoss's normalization written as a loop over
+    examples: HAD (and SL) averaged over each example's pairs, then over the examples; the per-example
+    Sinkhorn costs summed. ``"token"``: HAD and SL averaged over all pairs, Sinkhorn over the examples.
+    """
     sides = []
     for logits, labels in ((s_logits, s_labels), (t_logits, t_labels)):
         probs = {}  # (b, p) -> normalized softmax at every response position of this side
@@ -291,18 +297,30 @@ def loop_mlot(s_logits, t_logits, s_labels, t_labels, top_k, tau=2.0):
         )
     (s_top, s_cols), (t_top, t_cols) = sides
     pairs = loop_response_pairs(s_labels, t_labels)
-    had = sl = 0.0
+    had, sl, sd = {}, {}, {}  # per example: lists of per-pair values, and the Sinkhorn cost
     for b, sp, tp in pairs:
         ps, pt = s_top[b, sp], t_top[b, tp]
-        had += sum(abs(a - c) for a, c in zip(ps, pt))
+        had.setdefault(b, []).append(sum(abs(a - c) for a, c in zip(ps, pt)))
         log_qs = [math.log(q) for q in softmax(ps)]
-        sl -= sum(q * lq for q, lq in zip(softmax(pt), log_qs))
-    sd, examples = 0.0, sorted({b for b, _, _ in pairs})
+        sl.setdefault(b, []).append(-sum(q * lq for q, lq in zip(softmax(pt), log_qs)))
+    examples = sorted(had)
     for e in examples:
         xs = [softmax(s_top[b, sp], 2.0) for b, sp, _ in pairs if b == e]
         ys = [softmax(t_top[b, tp], 2.0) for b, _, tp in pairs if b == e]
-        sd += 0.001 * loop_sinkhorn(xs, ys, 0.1, 10)
-    return {"ot_had": had / len(pairs), "ot_sl": sl / len(pairs), "ot_sd": sd / len(examples)}, s_cols, t_cols
+        sd[e] = 0.001 * loop_sinkhorn(xs, ys, 0.1, 10)
+    if reduction == "example":
+        terms = {
+            "ot_had": sum(sum(had[e]) / len(had[e]) for e in examples) / len(examples),
+            "ot_sl": sum(sum(sl[e]) / len(sl[e]) for e in examples) / len(examples),
+            "ot_sd": sum(sd.values()),
+        }
+    else:
+        terms = {
+            "ot_had": sum(sum(v) for v in had.values()) / len(pairs),
+            "ot_sl": sum(sum(v) for v in sl.values()) / len(pairs),
+            "ot_sd": sum(sd.values()) / len(examples),
+        }
+    return terms, s_cols, t_cols
 
 
 def test_multilevel_ot_normalization_and_top_k_by_hand():
@@ -348,6 +366,56 @@ def test_multilevel_ot_on_a_padded_batch_equals_the_loop_with_top_k_padding(monk
             assert terms[key].item() == pytest.approx(value, rel=1e-5), (key, elements)
 
 
+# examples of different response lengths (3, 5, 2 and 6 aligned pairs), different prompt lengths
+LONG_S = [
+    [-100, -100, 3, 4, 5, -100, -100, -100],
+    [-100, 1, 2, 3, 4, 5, 6, -100],
+    [-100, -100, -100, -100, -100, 7, 8, -100],
+    [-100, 1, 1, 2, 2, 3, 3, 4],
+]
+LONG_T = [
+    [-100, -100, -100, 2, 3, 4, 5, 6, -100],
+    [-100, -100, 1, 2, 3, 4, 5, -100, -100],
+    [-100, 9, 9, 9, -100, -100, -100, -100, -100],
+    [-100, -100, -100, 2, 3, 4, 5, 6, 7],
+]
+
+
+def test_multilevel_ot_reduction_is_the_originals_per_example_mean_by_default():
+    torch.manual_seed(8)
+    s_logits, t_logits = torch.randn(4, 8, 7) * 3, torch.randn(4, 9, 9) * 3
+    batch = _batch(LONG_S, LONG_T)
+    assert align_response_positions(batch).counts.tolist() == [3, 5, 2, 6]
+    by_example, _, _ = loop_mlot(s_logits, t_logits, LONG_S, LONG_T, top_k=6)
+    by_token, _, _ = loop_mlot(s_logits, t_logits, LONG_S, LONG_T, top_k=6, reduction="token")
+    default = _method("multilevel-ot", top_k=6)
+    assert default.config.reduction == "example"
+    terms = default(batch, *_outs(s_logits, t_logits))
+    token = _method("multilevel-ot", top_k=6, reduction="token")(batch, *_outs(s_logits, t_logits))
+    for key in ("ot_had", "ot_sl", "ot_sd"):
+        assert terms[key].item() == pytest.approx(by_example[key], rel=1e-5), key
+        assert token[key].item() == pytest.approx(by_token[key], rel=1e-5), key
+    # the two normalizations really differ on this batch: HAD by its length weighting, SD by 4 (sum/mean)
+    assert abs(by_example["ot_had"] - by_token["ot_had"]) > 1e-3 * by_token["ot_had"]
+    assert by_example["ot_sd"] == pytest.approx(4 * by_token["ot_sd"], rel=1e-9)
+    expected = by_example["ot_had"] + 0.1 * by_example["ot_sl"] + 0.1 * by_example["ot_sd"]
+    assert terms["kd"].item() == pytest.approx(expected, rel=1e-6)
+    # an example without aligned pairs is left out of the means and the sum (S_LABELS' third one)
+    s3, t3 = torch.randn(3, 6, 4) * 2, torch.randn(3, 7, 6) * 2
+    with_empty = _method("multilevel-ot", top_k=5)(_batch(S_LABELS, T_LABELS), *_outs(s3, t3))
+    expected, _, _ = loop_mlot(s3, t3, S_LABELS, T_LABELS, top_k=5)
+    for key, value in expected.items():
+        assert with_empty[key].item() == pytest.approx(value, rel=1e-5), key
+
+
+def test_multilevel_ot_reduction_is_validated():
+    with pytest.raises(UserError, match="multilevel-ot.reduction"):
+        _method("multilevel-ot", reduction="batch")
+    config = get_method("multilevel-ot").Config(reduction="batch")  # built in code, not from --set
+    with pytest.raises(UserError, match="multilevel-ot.reduction: expected example or token, got 'batch'"):
+        get_method("multilevel-ot").needs(config)
+
+
 def test_multilevel_ot_gradients_reach_the_student_never_the_teacher(monkeypatch):
     torch.manual_seed(7)
     base = torch.randn(3, 6, 4)
@@ -371,7 +439,7 @@ def test_multilevel_ot_weights_and_sub_terms():
     c = method.config
     assert (c.top_k, c.sl_weight, c.sd_weight, c.temperature) == (50, 0.1, 0.1, 2.0)
     assert (c.sinkhorn_epsilon, c.sinkhorn_iterations, c.sinkhorn_scale) == (0.1, 10, 0.001)
-    with pytest.raises(ValueError, match="top_k"):
+    with pytest.raises(UserError, match=r"^multilevel-ot.top_k must be a positive integer, got 0$"):
         _method("multilevel-ot", top_k=0)
 
 
