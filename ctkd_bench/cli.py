@@ -190,7 +190,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         "--eval-tasks",
         metavar="T1,T2",
         help="score every trained student on these tasks: ctkd-instruct (dolly, selfinst, vicuna, sinst, "
-        "uinst, dialogsum), single sets, or lm-eval task names (need the hub); default: no evaluation",
+        "dialogsum), single sets of it, or lm-eval task names (need the hub); default: no evaluation",
     )
     ev.add_argument(
         "--eval-every",
@@ -573,15 +573,14 @@ def _request(args, methods):
 
 
 def _cmd_eval(args) -> int:
-    import dataclasses
-
     from ctkd_bench import zoo
-    from ctkd_bench.evaluation import check_data, evaluate, format_table
-    from ctkd_bench.records import now, versions, write_atomic, write_text_atomic
+    from ctkd_bench.evaluation import check_data, eval_identity, evaluate, format_table
+    from ctkd_bench.files import write_text_atomic
+    from ctkd_bench.records import SCHEMA_VERSION, now, versions, write_atomic
     from ctkd_bench.runner import resolve_device
 
     config = _eval_config(args, args.tasks)
-    check_data(config)  # before the model loads (a GGUF conversion takes a minute)
+    digests = check_data(config)  # before the model loads (a GGUF conversion takes a minute)
     if args.no_progress:  # also transformers' own bars ("Loading weights")
         from transformers.utils import logging as hf_logging
 
@@ -596,17 +595,24 @@ def _cmd_eval(args) -> int:
     if args.results_dir is not None:
         from ctkd_bench.records import config_hash
 
+        identity = {
+            "schema": SCHEMA_VERSION,
+            "model": zoo.model_identity(spec),
+            "eval": eval_identity(config, digests),
+        }
+        digest = config_hash(identity)
         record = {
-            "schema_version": 1,
+            "schema_version": SCHEMA_VERSION,
             "status": "finished",
             "kind": "eval",
+            "config_hash": digest,
+            "identity": identity,
             "model": zoo.model_info(spec),
             "eval": result.to_record(),
             "versions": versions(),
             "started_at": started,
             "finished_at": now(),
         }
-        digest = config_hash({"model": spec.source, "eval": dataclasses.asdict(config)})
         path = Path(args.results_dir) / f"eval__{spec.short}__{digest}.json"
         samples = path.with_name(path.stem + ".samples.jsonl")
         write_text_atomic(samples, "".join(line + "\n" for line in result.samples_jsonl()))

@@ -559,29 +559,39 @@ def evaluate(model, tokenizer, config: EvalConfig, progress: bool = True) -> Eva
     return result
 
 
-def check_data(config: EvalConfig) -> None:
+def check_data(config: EvalConfig) -> dict[str, str]:
     """Fail now, in one line, if an evaluation would fail later for its data or its task names.
 
     ``run`` calls this before it loads a model, so a missing ``--data-dir`` (or an unreachable hub) is
     reported before the training it would otherwise waste. Reads each of our sets once (cheap); built-in
-    lm-eval task names are checked against lm-eval's registry.
+    lm-eval task names are checked against lm-eval's registry. Returns the content digest of each of our
+    sets (``{"dolly/test": digest, ...}``), which is part of the identity of a record that scores on them.
     """
     import yaml
 
-    from ctkd_bench.data.sources import load_examples
+    from ctkd_bench.data.sources import examples_digest, load_examples
 
     ours, _ = _split_tasks(config.tasks)
-    seen = set()
+    digests: dict[str, str] = {}
     for name in _leaf_order(ours):
         spec = yaml.safe_load((tasks_dir() / f"{name}.yaml").read_text(encoding="utf-8"))
         kwargs = spec["dataset_kwargs"]
-        key = (kwargs["source"], kwargs["split"])
-        if key not in seen:
-            seen.add(key)
+        key = f"{kwargs['source']}/{kwargs['split']}"
+        if key not in digests:
             try:
-                load_examples(kwargs["source"], kwargs["split"], config.data_dir)
+                digests[key] = examples_digest(
+                    load_examples(kwargs["source"], kwargs["split"], config.data_dir)
+                )
             except UserError as err:
-                raise UserError(f"evaluation task {name} ({key[1]} split): {err}") from None
+                raise UserError(f"evaluation task {name} ({kwargs['split']} split): {err}") from None
+    return digests
+
+
+def eval_identity(config: EvalConfig, digests: dict[str, str]) -> dict[str, Any]:
+    """What of an evaluation changes its numbers: its settings and its sets' contents (not their folder)."""
+    settings = asdict(config)
+    settings.pop("data_dir", None)
+    return {**settings, "data": dict(sorted(digests.items()))}
 
 
 def _leaf_order(names: Sequence[str]) -> list[str]:

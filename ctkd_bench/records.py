@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import subprocess
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+from ctkd_bench.files import write_text_atomic
+
+# 2: the identity holds a content digest of the training data (and of the evaluation sets) instead of
+#    where they were read from; records of a run that trained but was not yet scored have status "trained"
+SCHEMA_VERSION = 2
 
 
 def config_hash(identity: dict[str, Any]) -> str:
@@ -32,34 +34,6 @@ def record_name(
         digest,
     ]
     return "__".join(p.replace("/", "-").replace(":", "-") for p in parts) + ".json"
-
-
-def atomic_temp(path: Path) -> tuple[int, str]:
-    """A temp file beside ``path`` (for a later ``os.replace``) with the mode a plain ``open`` would give.
-
-    ``mkstemp`` creates files readable by their owner only; records and checkpoints in a results folder
-    shared with collaborators or cluster jobs must get the usual permissions (``0o666`` minus the umask).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
-    mask = os.umask(0)
-    os.umask(mask)
-    os.fchmod(fd, 0o666 & ~mask)
-    return fd, tmp
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write text through a temp file in the same folder and ``os.replace``: never a half-written file."""
-    fd, tmp = atomic_temp(path)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_atomic(path: Path, payload: dict[str, Any]) -> None:

@@ -46,6 +46,8 @@ COLUMNS = [
     "seed",
     "config_hash",
     "steps",
+    "batch_size",
+    "max_length",
     "uses_teacher",
     "task",
     "metric",
@@ -82,7 +84,16 @@ _FLOATS = (
     "final_loss",
     "tokens_per_second",
 )
-_INTS = ("schema_version", "seed", "steps", "n", "eval_limit", "eval_max_new_tokens")
+_INTS = (
+    "schema_version",
+    "seed",
+    "steps",
+    "batch_size",
+    "max_length",
+    "n",
+    "eval_limit",
+    "eval_max_new_tokens",
+)
 
 
 class RecordWarning(UserWarning):
@@ -169,8 +180,23 @@ def _v0_to_v1(record: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _v1_to_v2(record: dict[str, Any]) -> dict[str, Any]:
+    """Version 1: the identity named where the data came from (``data_source``), not what it held.
+
+    The numbers are kept as they are; ``data_digest`` is ``None`` (unknown), so such a record is never
+    taken for a run of the new identity (its file name holds its old hash, which no new run computes).
+    """
+    out = dict(record)
+    if out.get("kind") != "eval":
+        identity = dict(out.get("identity") or {})
+        identity.setdefault("data_digest", None)
+        out["identity"] = identity
+    out["schema_version"] = 2
+    return out
+
+
 # schema version N -> the function that turns a version-N record into a version-N+1 record
-UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {0: _v0_to_v1}
+UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {0: _v0_to_v1, 1: _v1_to_v2}
 
 
 def upgrade(record: dict[str, Any], source: str | Path | None = None) -> dict[str, Any]:

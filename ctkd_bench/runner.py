@@ -38,8 +38,9 @@ from ctkd_bench.api import (
 )
 from ctkd_bench.data.batch import DistillBatch, collate
 from ctkd_bench.data.encode import EncodedExample, PairEncoder
-from ctkd_bench.data.sources import load_examples
+from ctkd_bench.data.sources import SOURCES, examples_digest, load_examples
 from ctkd_bench.errors import UserError
+from ctkd_bench.files import RunLock, remove_stale_temps, torch_save_atomic, write_text_atomic
 from ctkd_bench.losses import lm_head_logits, response_cross_entropy
 from ctkd_bench.records import (
     SCHEMA_VERSION,
@@ -47,10 +48,10 @@ from ctkd_bench.records import (
     git_commit,
     is_finished,
     now,
+    read_record,
     record_name,
     versions,
     write_atomic,
-    write_text_atomic,
 )
 
 
@@ -295,9 +296,15 @@ def training_stream(
                     break
         if len(stream) == before:
             bar.close()
+            reasons = dict(encoder.stats.skipped)
+            knobs = [
+                flag
+                for flag, word in (("--max-prompt-length", "prompt longer"), ("--max-length", "no room"))
+                if any(word in reason for reason in reasons)
+            ]
             raise UserError(
-                f"no usable training example: all {len(examples)} were skipped "
-                f"({dict(encoder.stats.skipped)}); raise --max-length or use other data"
+                f"no usable training example: all {len(examples)} were skipped ({reasons}); "
+                f"raise {' or '.join(knobs) or '--max-length'} or use other data"
             )
     bar.close()
     return stream
@@ -306,33 +313,39 @@ def training_stream(
 # ------------------------------------------------------------------------------------- training
 
 
+@dataclass(frozen=True)
+class DataIdentity:
+    """The contents a request reads, as digests: the training split and every evaluation set."""
+
+    train: str
+    evaluation: dict[str, Any] | None = None  # evaluation.eval_identity of request.evaluation
+    selection: dict[str, Any] | None = None  # the same for the dev selection (eval_every)
+
+
 def _identity(
     num_processes: int,
     run: MethodRun,
     method_config: Any,
-    teacher: zoo.ModelSpec | None,
-    student: zoo.ModelSpec,
+    models: tuple[Any, Any],
     request: RunRequest,
+    data: DataIdentity,
 ) -> dict[str, Any]:
+    """Everything that changes a run's numbers, and nothing else (no path: data and local models by content)."""
+    teacher, student = models  # zoo.model_identity of each side (teacher None: no teacher used)
     return {
         "schema": SCHEMA_VERSION,
         "method": run.method,
         "ablation": run.ablation,
         "method_config": config_dict(method_config),
-        "teacher": teacher.source if teacher else None,
-        "student": student.source,
-        "data": request.data,
-        "data_source": "local" if request.data_dir else "default",
+        "teacher": teacher,
+        "student": student,
+        "data": request.data if request.data in SOURCES else "file",
+        "data_digest": data.train,
         "train": asdict(request.train),
         "num_processes": num_processes,  # data-parallel processes: the global batch is batch_size x this
-        "evaluation": asdict(request.evaluation) if request.evaluation is not None else None,
+        "evaluation": data.evaluation,
         "eval_every": request.eval_every,
-        # only when selecting, so that records without selection keep their hash
-        **(
-            {"selection": asdict(request.selection) if request.selection is not None else None}
-            if request.eval_every
-            else {}
-        ),
+        "selection": data.selection if request.eval_every else None,
     }
 
 
@@ -349,17 +362,25 @@ def _apply_lora(student, train: TrainConfig):
     return get_peft_model(student, config)
 
 
-def save_student(model, tokenizer, folder: Path) -> None:
-    """A plain Hugging Face folder (LoRA merged) that any ``--pair`` or ``eval`` accepts."""
+def save_student(model, tokenizer, folder: Path):
+    """A plain Hugging Face folder (LoRA merged) that any ``--pair`` or ``eval`` accepts; returns the model.
+
+    A LoRA model is merged in place, so the returned (merged) model is the one to use afterwards.
+    """
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    return model
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    """A NaN or Inf loss: the run fails at ``step`` with the value of each term."""
+
+    def __init__(self, step: int, terms: dict[str, float]) -> None:
+        super().__init__(f"non-finite loss at step {step}: {terms}")
+        self.step, self.terms = step, terms
 
 
 def _is_out_of_memory(err: BaseException) -> bool:
@@ -375,13 +396,15 @@ class Checkpoint:
 
     One file per run record (``RESULTS/.checkpoints/<record stem>.pt``; the stem holds the config hash, so
     a checkpoint is only ever resumed by the very same run). Written through a temp file and
-    ``os.replace``: a kill while saving leaves the previous checkpoint intact. Deleted once the run's
-    record is written.
+    ``os.replace``: a kill while saving leaves the previous checkpoint intact (the run's lock guarantees
+    one writer, so a temp file found when the run starts is a killed writer's and is removed). Deleted once
+    the run's record is written. :attr:`student_dir` keeps a trained student until it is scored.
     """
 
     def __init__(self, record_path: Path, every: int) -> None:
         self.every = every
         self.path = record_path.parent / ".checkpoints" / (record_path.stem + ".pt")
+        self.student_dir = self.path.with_suffix(".student")
 
     def due(self, step: int, last: int) -> bool:
         return self.every > 0 and step % self.every == 0 and step < last
@@ -397,21 +420,21 @@ class Checkpoint:
             ) from None
 
     def save(self, state: dict[str, Any]) -> None:
-        import os
-
-        from ctkd_bench.records import atomic_temp
-
-        fd, tmp = atomic_temp(self.path)
-        os.close(fd)
-        try:
-            torch.save(state, tmp)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        torch_save_atomic(self.path, state)
 
     def clear(self) -> None:
+        import shutil
+
         self.path.unlink(missing_ok=True)
+        shutil.rmtree(self.student_dir, ignore_errors=True)
+
+
+@dataclass
+class TrainProgress:
+    """How far a run got (the last finished step and the loss curve): a failed record keeps both."""
+
+    step: int = 0
+    curve: list[dict[str, float]] = field(default_factory=list)
 
 
 def train_one(
@@ -420,20 +443,17 @@ def train_one(
     run: MethodRun,
     method_cls: type[Distiller],
     method_config: Any,
-    teacher,
-    teacher_spec: zoo.ModelSpec | None,
-    student_spec: zoo.ModelSpec,
-    tokenizers: tuple[Any, Any],
-    vocab: SharedVocab | None,
-    vocab_map: VocabMap | None,
-    same: bool,
-    stream: list[EncodedExample],
+    pair: PairContext,
     request: RunRequest,
     checkpoint: Checkpoint | None = None,
+    progress: TrainProgress | None = None,
 ) -> dict[str, Any]:
     """Train one student with one method; returns the record body (losses, cost)."""
     train = request.train
-    student_tok, teacher_tok = tokenizers
+    student_tok, teacher_tok = pair.tokenizers
+    teacher, student_spec = pair.teacher, pair.specs[1]
+    vocab, vocab_map, same, stream = pair.vocab, pair.vocab_map, pair.same, pair.stream
+    progress = progress if progress is not None else TrainProgress()
     torch.manual_seed(train.seed)
     student = zoo.load_model(student_spec, seed=train.seed)
     context = MethodContext(
@@ -498,6 +518,7 @@ def train_one(
         for _ in range(resumed["step"] * train.grad_accum):  # the same batches, in the same order
             next(batches)
         torch.set_rng_state(resumed["rng"])
+        progress.step, progress.curve = resumed["step"], curve
     bar = (
         _progress(request, train.steps, f"{run.label} {student_spec.short}")
         if accelerator.is_main_process
@@ -522,8 +543,7 @@ def train_one(
                 with accelerator.accumulate(trainee):
                     loss, terms = trainee(batch, t_out)
                     if not torch.isfinite(loss):
-                        bad = {k: float(v.detach()) for k, v in terms.items()}
-                        raise NonFiniteLoss(f"non-finite loss at step {step}: {bad}")
+                        raise NonFiniteLoss(step, {k: float(v.detach()) for k, v in terms.items()})
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(trainee.parameters(), train.max_grad_norm)
@@ -546,6 +566,7 @@ def train_one(
                     "seconds": round(elapsed, 4),
                 }
             )
+            progress.step, progress.curve = step, curve
             if bar is not None:
                 bar.set_postfix({k: f"{v:.3f}" for k, v in sums.items()}, refresh=False)
                 bar.update(1)
@@ -691,6 +712,35 @@ def _release(accelerator) -> None:
     gc.collect()
 
 
+def resolve_methods(runs: list[MethodRun]) -> list[tuple[MethodRun, type[Distiller], Any]]:
+    """Each run's method class and config; unknown names and bad settings fail here, before any load.
+
+    A method validates its settings in its config (``__post_init__``) or in :meth:`Distiller.needs`; both
+    run here, so a bad value is one line naming the setting before a model or data set is read.
+    """
+    resolved = []
+    for run_ in runs:
+        cls = get_method(run_.method)
+        config = apply_overrides(cls.Config(), run_.overrides, run_.method)
+        cls.needs(config)
+        resolved.append((run_, cls, config))
+    return resolved
+
+
+def _data_identity(request: RunRequest, examples: list) -> DataIdentity:
+    """The digests of the training split and of the evaluation sets (which fail now if missing)."""
+    evaluation = selection = None
+    if request.evaluation is not None or request.eval_every:
+        from ctkd_bench.evaluation import check_data, eval_identity
+
+        if request.evaluation is not None:
+            evaluation = eval_identity(request.evaluation, check_data(request.evaluation))
+        if request.eval_every:
+            config = DevSelection(request).config
+            selection = eval_identity(config, check_data(config))
+    return DataIdentity(examples_digest(examples), evaluation, selection)
+
+
 def run(request: RunRequest, log=print) -> list[RunOutcome]:
     """Run every method on every pair; returns one outcome per (pair, method)."""
     request.train.validate()
@@ -699,21 +749,13 @@ def run(request: RunRequest, log=print) -> list[RunOutcome]:
         raise UserError(f"--eval-every must be >= 0, got {request.eval_every}")
     if request.checkpoint_every < 0:
         raise UserError(f"--checkpoint-every must be >= 0, got {request.checkpoint_every}")
+    resolved = resolve_methods(request.methods)
+    examples = load_examples(request.data, "train", request.data_dir)
+    data = _data_identity(request, examples)  # evaluation data errors come before training, not after
     if not request.progress:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    resolved = []
-    for run_ in request.methods:  # unknown names and bad settings fail before anything loads
-        cls = get_method(run_.method)
-        resolved.append((run_, cls, apply_overrides(cls.Config(), run_.overrides, run_.method)))
-    if request.evaluation is not None or request.eval_every:  # eval data errors before training, not after
-        from ctkd_bench.evaluation import check_data
-
-        if request.evaluation is not None:
-            check_data(request.evaluation)
-        if request.eval_every:
-            check_data(DevSelection(request).config)
     accelerator = make_accelerator(device, request.train.grad_accum)
     if request.eval_every and accelerator.num_processes > 1:
         raise UserError(
@@ -726,57 +768,170 @@ def run(request: RunRequest, log=print) -> list[RunOutcome]:
             return None
 
     outcomes: list[RunOutcome] = []
-    for teacher_spec, student_spec in request.pairs:
-        outcomes.extend(_run_pair(request, accelerator, teacher_spec, student_spec, resolved, log))
+    for pair in request.pairs:
+        outcomes.extend(_run_pair(request, accelerator, pair, resolved, examples, data, log))
     return outcomes
 
 
-def _run_pair(
-    request: RunRequest, accelerator, teacher_spec, student_spec, resolved, log
-) -> list[RunOutcome]:
-    train = request.train
+@dataclass
+class PlannedRun:
+    """A run this process will do: it holds the run's lock until its record is written."""
+
+    run: MethodRun
+    cls: type[Distiller]
+    config: Any
+    needs: Needs
+    identity: dict[str, Any]
+    digest: str
+    path: Path
+    lock: RunLock
+    trained: dict[str, Any] | None = None  # a "trained" record whose student waits to be scored
+
+    @property
+    def checkpoint(self) -> Checkpoint:
+        return Checkpoint(self.path, 0)
+
+
+@dataclass
+class PairContext:
+    """What every run of one pair shares: tokenizers, alignment artifacts, the training stream, the teacher."""
+
+    specs: tuple[zoo.ModelSpec | None, zoo.ModelSpec]
+    tokenizers: tuple[Any, Any]  # (student, teacher or None)
+    same: bool
+    examples_available: int = 0
+    stream: list[EncodedExample] = field(default_factory=list)
+    encoder: PairEncoder | None = None
+    vocab: SharedVocab | None = None
+    vocab_map: VocabMap | None = None
+    teacher: Any = None
+
+    @property
+    def names(self) -> str:
+        teacher, student = self.specs
+        return f"{teacher.short if teacher else 'none'}:{student.short}"
+
+
+def _run_pair(request, accelerator, pair, resolved, examples, data, log) -> list[RunOutcome]:
+    teacher_spec, student_spec = pair
     student_tok = zoo.load_tokenizer(student_spec)
     teacher_tok = zoo.load_tokenizer(teacher_spec) if teacher_spec is not None else None
     same = teacher_tok is not None and zoo.same_tokenizer(student_tok, teacher_tok)
-    teacher_name = teacher_spec.short if teacher_spec else "none"
-    pending, outcomes = [], []
+    pc = PairContext(specs=pair, tokenizers=(student_tok, teacher_tok), same=same)
+    planned, outcomes = _plan(request, accelerator, pc, resolved, data, log)
+    if not planned:
+        return outcomes
+    try:
+        _prepare_pair(request, accelerator, pc, planned, examples)
+        for planned_run in planned:
+            outcomes.append(_execute(request, accelerator, pc, planned_run, log))
+            planned_run.lock.release()
+    finally:
+        for planned_run in planned:
+            planned_run.lock.release()
+    return outcomes
+
+
+def _plan(request, accelerator, pc: PairContext, resolved, data, log) -> tuple[list[PlannedRun], list]:
+    """Which runs of the pair to do: identity and record path of each; skip, lock, clean up, resume.
+
+    The main process decides (it alone takes the locks) and tells the data-parallel workers.
+    """
+    teacher_spec, student_spec = pc.specs
+    teacher_id = zoo.model_identity(teacher_spec) if teacher_spec is not None else None
+    student_id = zoo.model_identity(student_spec)
+    candidates = []
     for run_, cls, cfg in resolved:
         needs = cls.needs(cfg)
-        if needs.teacher and teacher_tok is None:
+        if needs.teacher and pc.tokenizers[1] is None:
             raise UserError(f"{run_.method} needs a teacher; give a pair TEACHER:STUDENT")
         if needs.teacher:
-            _check_tokenizers(run_.method, needs, same, teacher_name, student_spec.short)
-        identity = _identity(
-            accelerator.num_processes,
-            run_,
-            cfg,
-            teacher_spec if needs.teacher else None,
-            student_spec,
-            request,
-        )
+            _check_tokenizers(run_.method, needs, pc.same, *pc.names.split(":"))
+        models = (teacher_id if needs.teacher else None, student_id)
+        identity = _identity(accelerator.num_processes, run_, cfg, models, request, data)
         digest = config_hash(identity)
+        teacher_name = teacher_spec.short if teacher_spec else "none"
         path = Path(request.results_dir) / record_name(
-            run_.method, run_.ablation, teacher_name, student_spec.short, request.data, train.seed, digest
+            run_.method,
+            run_.ablation,
+            teacher_name,
+            student_spec.short,
+            request.data,
+            request.train.seed,
+            digest,
         )
-        if is_finished(path) and not request.force:
-            log(
-                f"skip {run_.label} {teacher_name}:{student_spec.short}: finished record {path} (--force to redo)"
-            )
-            outcomes.append(RunOutcome(run_.label, path, "skipped"))
-            continue
-        pending.append((run_, cls, cfg, needs, identity, digest, path))
-    if not pending:
-        return outcomes
+        candidates.append((run_, cls, cfg, needs, identity, digest, path))
+    locks = [RunLock(c[-1]) for c in candidates]
+    decisions: list[str] = []
+    if accelerator.is_main_process:
+        decisions = [_claim(request, c[0], c[-1], lock, pc.names, log) for c, lock in zip(candidates, locks)]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
 
-    vocab = None
-    if teacher_tok is not None and any("shared_vocab" in p[3].alignment for p in pending):
-        vocab = shared_vocab(student_tok, teacher_tok)
-    vocab_map, aligner = None, None
-    if teacher_tok is not None and any("mined" in p[3].alignment for p in pending):
-        vocab_map = mined_vocab_map(student_tok, teacher_tok, progress=request.progress)
-        aligner = MinedAligner(student_tok, teacher_tok, vocab_map)
-    examples = load_examples(request.data, "train", request.data_dir)
-    encoder = PairEncoder(
+        decisions = broadcast_object_list(decisions or [""] * len(candidates))
+    planned, outcomes = [], []
+    for (run_, cls, cfg, needs, identity, digest, path), lock, decision in zip(candidates, locks, decisions):
+        if decision in ("skipped", "running"):
+            outcomes.append(RunOutcome(run_.label, path, decision))
+            continue
+        trained = read_record(path) if decision == "score" else None
+        planned.append(PlannedRun(run_, cls, cfg, needs, identity, digest, path, lock, trained))
+    return planned, outcomes
+
+
+def _claim(request, run_: MethodRun, path: Path, lock: RunLock, names: str, log) -> str:
+    """What to do with one run: "skipped" (finished), "running" (elsewhere), "train" or "score" (trained).
+
+    Takes the run's lock for "train" and "score"; a lock whose process is gone is taken over, and the
+    temp files of its killed writers are removed.
+    """
+    where = f"{run_.label} {names}"
+    holder = None if (is_finished(path) and not request.force) else lock.acquire()
+    if holder is not None:
+        log(f"skip {where}: running elsewhere: {holder.describe()} (lock {lock.path})")
+        return "running"
+    if is_finished(path) and not request.force:  # (re-read under the lock: finished meanwhile)
+        lock.release()
+        log(f"skip {where}: finished record {path} (--force to redo)")
+        return "skipped"
+    if lock.taken_over is not None:
+        log(f"{where}: taking over the lock of {lock.taken_over.describe()}, which is gone")
+    _remove_dead_writers_files(path, log)
+    record = read_record(path)
+    if request.force or not (record and record.get("status") == "trained"):
+        return "train"
+    if not Checkpoint(path, 0).student_dir.is_dir():
+        log(f"{where}: the trained student of {path.name} is gone; training again")
+        return "train"
+    return "score"
+
+
+def _remove_dead_writers_files(path: Path, log) -> None:
+    """Temp files of killed writers of this run's record and checkpoint (we hold the run's lock)."""
+    checkpoint = Checkpoint(path, 0)
+    files = size = 0
+    for target in (path, path.with_name(path.stem + ".samples.jsonl"), checkpoint.path):
+        count, nbytes = remove_stale_temps(target)
+        files, size = files + count, size + nbytes
+    if files:
+        log(f"removed {files} partial file(s) of a killed writer of {path.name} ({size / 2**20:.1f} MB)")
+
+
+def _prepare_pair(request, accelerator, pc: PairContext, planned: list[PlannedRun], examples) -> None:
+    """Alignment artifacts, the training stream and the teacher, as far as the runs to train need them."""
+    training = [p for p in planned if p.trained is None]
+    if not training:
+        return
+    train = request.train
+    student_tok, teacher_tok = pc.tokenizers
+    if teacher_tok is not None and any("shared_vocab" in p.needs.alignment for p in training):
+        pc.vocab = shared_vocab(student_tok, teacher_tok)
+    aligner = None
+    if teacher_tok is not None and any("mined" in p.needs.alignment for p in training):
+        pc.vocab_map = mined_vocab_map(student_tok, teacher_tok, progress=request.progress)
+        aligner = MinedAligner(student_tok, teacher_tok, pc.vocab_map)
+    pc.examples_available = len(examples)
+    pc.encoder = PairEncoder(
         student_tok,
         teacher_tok if teacher_tok is not None else student_tok,
         max_prompt_tokens=train.max_prompt_tokens,
@@ -784,117 +939,143 @@ def _run_pair(
         mined=aligner,
     )
     count = train.steps * train.grad_accum * train.batch_size * accelerator.num_processes
-    stream = training_stream(
-        examples, encoder, count, train.seed, progress=request.progress and accelerator.is_main_process
+    pc.stream = training_stream(
+        examples, pc.encoder, count, train.seed, progress=request.progress and accelerator.is_main_process
     )
-
-    teacher = None
-    if any(p[3].teacher for p in pending):
+    if any(p.needs.teacher for p in training):
         # a frozen teacher needs no fp32 master weights: bf16 on GPUs halves its memory
         teacher_dtype = "bfloat16" if accelerator.mixed_precision == "bf16" else "float32"
-        teacher = zoo.load_model(teacher_spec, seed=train.seed, dtype=teacher_dtype)
-        if any(p[3].teacher_attentions for p in pending):
+        teacher = zoo.load_model(pc.specs[0], seed=train.seed, dtype=teacher_dtype)
+        if any(p.needs.teacher_attentions for p in training):
             teacher.set_attn_implementation("eager")
         teacher.requires_grad_(False)
         teacher.eval()
-        teacher.to(accelerator.device)
+        pc.teacher = teacher.to(accelerator.device)
 
-    for run_, cls, cfg, _needs, identity, digest, path in pending:
-        started = now()
-        record: dict[str, Any] = {
-            "schema_version": SCHEMA_VERSION,
-            "status": "running",
-            "method": run_.method,
-            "ablation": run_.ablation,
-            "label": run_.label,
-            "config_hash": digest,
-            "identity": identity,
-            "method_config": config_dict(cfg),
-            "pair": {
-                "teacher": zoo.model_info(teacher_spec) if teacher_spec else None,
-                "student": zoo.model_info(student_spec),
-                "same_tokenizer": same,
-            },
-            "data": {
-                "name": request.data,
-                "data_dir": request.data_dir,
-                "split": "train",
-                "examples_available": len(examples),
-                "examples_used": len(stream),
-                "encoding": encoder.stats.as_dict(),
-                "shared_vocab_size": len(vocab) if vocab else None,
-            },
-            "train": asdict(train),
-            "seed": train.seed,
-            "versions": versions(),
-            "git_commit": git_commit(),
-            "started_at": started,
-        }
+
+def _new_record(request, pc: PairContext, p: PlannedRun) -> dict[str, Any]:
+    teacher_spec, student_spec = pc.specs
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "status": "running",
+        "method": p.run.method,
+        "ablation": p.run.ablation,
+        "label": p.run.label,
+        "config_hash": p.digest,
+        "identity": p.identity,
+        "method_config": config_dict(p.config),
+        "pair": {
+            "teacher": zoo.model_info(teacher_spec) if teacher_spec else None,
+            "student": zoo.model_info(student_spec),
+            "same_tokenizer": pc.same,
+        },
+        "data": {
+            "name": request.data,
+            "data_dir": request.data_dir,
+            "digest": p.identity["data_digest"],
+            "split": "train",
+            "examples_available": pc.examples_available,
+            "examples_used": len(pc.stream),
+            "encoding": pc.encoder.stats.as_dict() if pc.encoder is not None else None,
+            "shared_vocab_size": len(pc.vocab) if pc.vocab else None,
+        },
+        "train": asdict(request.train),
+        "seed": request.train.seed,
+        "versions": versions(),
+        "git_commit": git_commit(),
+        "started_at": now(),
+    }
+
+
+def _execute(request, accelerator, pc: PairContext, p: PlannedRun, log) -> RunOutcome:
+    """Train one planned run (unless only its scoring is left), write "trained", score, write "finished"."""
+    student_tok = pc.tokenizers[0]
+    if p.trained is not None:
+        log(
+            f"{p.run.label} {pc.names}: trained before; scoring the kept student ({p.checkpoint.student_dir})"
+        )
+        record = p.trained
+        trained = zoo.load_model(zoo.resolve(str(p.checkpoint.student_dir))).to(accelerator.device).eval()
+    else:
+        record = _new_record(request, pc, p)
+        progress = TrainProgress()
         try:
             body = train_one(
                 accelerator=accelerator,
-                run=run_,
-                method_cls=cls,
-                method_config=cfg,
-                teacher=teacher,
-                teacher_spec=teacher_spec,
-                student_spec=student_spec,
-                tokenizers=(student_tok, teacher_tok),
-                vocab=vocab,
-                vocab_map=vocab_map,
-                same=same,
-                stream=stream,
+                run=p.run,
+                method_cls=p.cls,
+                method_config=p.config,
+                pair=pc,
                 request=request,
-                checkpoint=Checkpoint(path, request.checkpoint_every),
+                checkpoint=Checkpoint(p.path, request.checkpoint_every),
+                progress=progress,
             )
         except Exception as err:
             _release(accelerator)
-            if isinstance(err, NonFiniteLoss):
-                failure = str(err)
-            elif _is_out_of_memory(err):
-                failure = f"out of memory: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-            elif request.keep_going:
-                failure = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".strip()
-            else:
-                raise
-            record.update(status="failed", failure=failure, finished_at=now())
-            if accelerator.is_main_process:
-                write_atomic(path, record)
-            log(f"FAILED {run_.label} {teacher_name}:{student_spec.short}: {failure}; record {path}")
-            outcomes.append(RunOutcome(run_.label, path, "failed", record))
-            continue
+            return _failed(request, accelerator, pc, p, record, err, progress, log)
         trained = body.pop("_student")
         _release(accelerator)
         accelerator.wait_for_everyone()
+        record.update(body)
         if request.evaluation is not None and accelerator.is_main_process:
-            from ctkd_bench.evaluation import evaluate
+            # the training is safe on disk before the (long) scoring: a kill there costs no retraining
+            trained = save_student(trained, student_tok, p.checkpoint.student_dir)
+            record.update(status="trained", trained_at=now())
+            write_atomic(p.path, record)
+            Checkpoint(p.path, request.checkpoint_every).path.unlink(missing_ok=True)
+    _score_and_finish(request, accelerator, pc, p, record, trained)
+    final = record["losses"]["final"]
+    log(
+        f"done {p.run.label} {pc.names}: "
+        + " ".join(f"{k}={v:.4f}" for k, v in final.items())
+        + f" | {record['cost']['seconds_per_step']:.2f} s/step -> {p.path}"
+    )
+    return RunOutcome(
+        p.run.label, p.path, "finished", record, student=trained if request.keep_students else None
+    )
 
-            result = evaluate(trained, student_tok, request.evaluation, progress=request.progress)
-            record["eval"] = result.to_record()
-            samples = path.with_name(path.stem + ".samples.jsonl")
-            write_text_atomic(samples, "".join(line + "\n" for line in result.samples_jsonl()))
-            record["eval"]["samples_file"] = samples.name
-        if request.save_model is not None:
-            folder = Path(request.save_model) / path.stem
-            if accelerator.is_main_process:
-                save_student(trained, student_tok, folder)
-            record["model_dir"] = str(folder)
-        record.update(body, status="finished", finished_at=now())
+
+def _score_and_finish(request, accelerator, pc: PairContext, p: PlannedRun, record, trained) -> None:
+    student_tok = pc.tokenizers[0]
+    if request.evaluation is not None and accelerator.is_main_process:
+        from ctkd_bench.evaluation import evaluate
+
+        result = evaluate(trained, student_tok, request.evaluation, progress=request.progress)
+        record["eval"] = result.to_record()
+        samples = p.path.with_name(p.path.stem + ".samples.jsonl")
+        write_text_atomic(samples, "".join(line + "\n" for line in result.samples_jsonl()))
+        record["eval"]["samples_file"] = samples.name
+    if request.save_model is not None:
+        folder = Path(request.save_model) / p.path.stem
         if accelerator.is_main_process:
-            write_atomic(path, record)
-            Checkpoint(path, request.checkpoint_every).clear()
-        final = record["losses"]["final"]
-        log(
-            f"done {run_.label} {teacher_name}:{student_spec.short}: "
-            + " ".join(f"{k}={v:.4f}" for k, v in final.items())
-            + f" | {record['cost']['seconds_per_step']:.2f} s/step -> {path}"
-        )
-        outcomes.append(
-            RunOutcome(
-                run_.label, path, "finished", record, student=trained if request.keep_students else None
-            )
-        )
-        del trained
-    return outcomes
+            save_student(trained, student_tok, folder)
+        record["model_dir"] = str(folder)
+    record.update(status="finished", finished_at=now())
+    if accelerator.is_main_process:
+        write_atomic(p.path, record)
+        p.checkpoint.clear()
+
+
+def _failed(request, accelerator, pc: PairContext, p: PlannedRun, record, err, progress, log) -> RunOutcome:
+    """A failed record (NaN/Inf loss, out of memory, or with keep_going any error): where and why."""
+    if isinstance(err, NonFiniteLoss):
+        failure = str(err)
+        record.update(failure_step=err.step, failure_terms=err.terms)
+    elif _is_out_of_memory(err):
+        failure = f"out of memory: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+        record["failure_step"] = progress.step + 1
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    elif request.keep_going:
+        failure = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".strip()
+        record["failure_step"] = progress.step + 1
+    else:
+        raise err
+    last = progress.curve[-1] if progress.curve else {}
+    final = {k: v for k, v in last.items() if k not in ("step", "lr", "seconds")}
+    record["losses"] = {"final": final, "curve": progress.curve}
+    record.update(status="failed", failure=failure, finished_at=now())
+    if accelerator.is_main_process:
+        write_atomic(p.path, record)
+    log(f"FAILED {p.run.label} {pc.names}: {failure}; record {p.path}")
+    return RunOutcome(p.run.label, p.path, "failed", record)

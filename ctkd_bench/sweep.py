@@ -326,10 +326,12 @@ def run_inline(experiment: Experiment, *, force: bool = False, progress: bool = 
 
 
 def summary_line(statuses: list[str], broken: int = 0) -> str:
-    counts = {s: statuses.count(s) for s in ("finished", "skipped", "failed")}
+    counts = {s: statuses.count(s) for s in ("finished", "skipped", "running", "failed")}
     line = (
         f"{len(statuses)} run(s): {counts['finished']} finished, {counts['skipped']} skipped (done before), "
     )
+    if counts["running"]:
+        line += f"{counts['running']} running elsewhere, "
     line += f"{counts['failed']} failed"
     return line + (f"; {broken} group(s) could not start" if broken else "")
 

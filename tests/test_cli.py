@@ -40,7 +40,7 @@ def test_run_writes_one_record_per_method_and_skips_it_next_time(tmp_path, share
     paths = _records(tmp_path)
     assert [p.name.split("__")[0] for p in paths] == ["sft", "token-kld"]
     record = json.loads(paths[1].read_text())
-    assert record["status"] == "finished" and record["schema_version"] == 1
+    assert record["status"] == "finished" and record["schema_version"] == 2
     assert record["method_config"] == {"kd_rate": 0.5, "temperature": 2.0}
     assert record["losses"]["terms"] == ["ce", "kd"]
     assert set(record["losses"]["final"]) == {"loss", "ce", "kd"}

@@ -20,8 +20,6 @@ Both run in the data pipeline; a training step only indexes the resulting tensor
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +27,7 @@ import numpy as np
 import torch
 
 from ctkd_bench.alignment.vocab import _fingerprint, token_surfaces
+from ctkd_bench.files import torch_save_atomic
 
 
 @dataclass(frozen=True)
@@ -118,18 +117,14 @@ def mined_vocab_map(
         blob = torch.load(path)
         return VocabMap(blob["teacher_to_student"], blob["student_ids"], blob["teacher_ids"])
     result = build_vocab_map(student_tokenizer, teacher_tokenizer, progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    torch.save(
+    torch_save_atomic(
+        path,
         {
             "teacher_to_student": result.teacher_to_student,
             "student_ids": result.student_ids,
             "teacher_ids": result.teacher_ids,
         },
-        tmp,
     )
-    os.replace(tmp, path)
     return result
 
 

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import torch
+
+from ctkd_bench.files import torch_save_atomic
 
 
 @dataclass(frozen=True)
@@ -152,9 +152,5 @@ def shared_vocab(student_tokenizer, teacher_tokenizer, cache_dir: Path | None = 
         blob = torch.load(path)
         return SharedVocab(blob["student_ids"], blob["teacher_ids"])
     result = build_shared_vocab(student_tokenizer, teacher_tokenizer)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    torch.save({"student_ids": result.student_ids, "teacher_ids": result.teacher_ids}, tmp)
-    os.replace(tmp, path)
+    torch_save_atomic(path, {"student_ids": result.student_ids, "teacher_ids": result.teacher_ids})
     return result

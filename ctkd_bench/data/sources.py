@@ -37,7 +37,6 @@ import json
 import os
 import re
 import socket
-import tempfile
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ from typing import Any, TextIO
 from urllib.parse import urlsplit
 
 from ctkd_bench.errors import UserError
+from ctkd_bench.files import write_lines_atomic
 
 
 @dataclass(frozen=True)
@@ -266,7 +266,8 @@ def _read_jsonl(
                     raise UserError(f"{where}: not UTF-8 text ({exc}); save the file as UTF-8") from exc
                 except json.JSONDecodeError as exc:
                     raise UserError(
-                        f"{where}: not valid JSON ({exc.msg} at column {exc.colno}); fix or remove that line"
+                        f"{where}: not valid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno}); "
+                        "fix or remove that line"
                     ) from exc
                 examples.append(_example_from_row(row, where, f"{source}/{split}/{lineno}"))
             rows += 1
@@ -303,7 +304,34 @@ def _example_from_row(row: Any, where: str, uid: str) -> Example:
         prompt = format_prompt(instruction, input_text)
     elif not isinstance(prompt, str):
         raise UserError(f"{where}: field `prompt` must be a string, got {_kind(prompt)}")
+    _check_text(where, "prompt", prompt)
+    for reference in references:
+        _check_text(where, "output", reference)
     return Example(prompt=prompt, response=references[0], references=references, uid=uid)
+
+
+def _check_text(where: str, field: str, text: str) -> None:
+    """Reject a string that is not Unicode text: JSON's ``\\ud800`` escapes decode to lone surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UserError(
+            f"{where}: field `{field}` holds a lone surrogate (\\u{ord(text[exc.start]):04x}) at character "
+            f"{exc.start}, which is not Unicode text; fix or remove that line"
+        ) from None
+
+
+def examples_digest(examples: Iterable[Example]) -> str:
+    """A content digest of examples, in order (prompts and references; not ids, paths or line numbers).
+
+    Part of a run's identity: two data folders with different contents never share a record, and the
+    same rows read from another place (a copy, the hub) do.
+    """
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(json.dumps([example.prompt, list(example.references)]).encode("utf-8"))
+        digest.update(b"\n")
+    return digest.hexdigest()[:16]
 
 
 def _kind(value: Any) -> str:
@@ -405,7 +433,7 @@ def _sharegpt_rows() -> list[tuple[str, str, str]]:
         for conv_id, prompt, response in rows
     )
     try:
-        _write_atomically(cache, lines)
+        write_lines_atomic(cache, lines)
     except OSError as exc:  # a read-only cache folder costs time, not correctness
         warnings.warn(
             f"could not write the ShareGPT cache {cache} ({exc}); it is parsed again next time", stacklevel=4
@@ -453,19 +481,6 @@ def _read_sharegpt_cache(path: Path) -> list[tuple[str, str, str]]:
                     f"ShareGPT cache {path} line {lineno} is corrupt ({exc!r}); delete the file and it is rebuilt"
                 ) from exc
     return rows
-
-
-def _write_atomically(path: Path, lines: Iterable[str]) -> None:
-    """Write ``lines`` to a temporary file beside ``path``, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fp:
-            fp.writelines(lines)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _iter_json_array_tolerant(fp_or_text: str | TextIO) -> Iterator[Any]:
