@@ -297,6 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument(
         "--wait", action="store_true", help="local/slurm: wait for the jobs and print their statuses"
     )
+    sweep.add_argument(
+        "--force-teacher",
+        action="store_true",
+        help="with --config: fine-tune the teacher again (teacher_sft) although it is cached; --force alone "
+        "redoes the students only",
+    )
     sweep.add_argument("--slurm-partition", metavar="NAME", help="SLURM partition")
     sweep.add_argument("--slurm-account", metavar="NAME", help="SLURM account")
     sweep.add_argument(
@@ -402,6 +408,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="where the run record goes (default: results/)",
     )
+    ft.add_argument(
+        "--force",
+        action="store_true",
+        help="fine-tune again although a finished record (and its cached model) of the same settings exists",
+    )
 
     ev = sub.add_parser(
         "eval",
@@ -487,6 +498,8 @@ def _cmd_run(args) -> int:
         )
     if args.launcher != "inline":
         raise UserError(f"--launcher {args.launcher} needs an experiment file (--config FILE.yaml)")
+    if args.force_teacher:
+        raise UserError("--force-teacher needs an experiment file with teacher_sft (--config FILE.yaml)")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
         raise UserError("--methods is empty; name at least one method (see `ctkd-bench list`)")
@@ -502,7 +515,16 @@ def _cmd_run(args) -> int:
 
 
 # flags that still apply with --config; every other `run` flag is a setting of the experiment file
-_WITH_CONFIG = {"command", "config", "launcher", "wait", "results_dir", "force", "no_progress"}
+_WITH_CONFIG = {
+    "command",
+    "config",
+    "launcher",
+    "wait",
+    "results_dir",
+    "force",
+    "force_teacher",
+    "no_progress",
+}
 
 
 def _run_config(args) -> int:
@@ -528,7 +550,9 @@ def _run_config(args) -> int:
         f"x {len(experiment.seeds)} seed(s) = {len(jobs)} run(s) -> {experiment.results_dir}"
     )
     if args.launcher == "inline":
-        outcomes, broken = sweep.run_inline(experiment, force=args.force, progress=not args.no_progress)
+        outcomes, broken = sweep.run_inline(
+            experiment, force=args.force, force_teacher=args.force_teacher, progress=not args.no_progress
+        )
         statuses = [o.status for o in outcomes]
         print(sweep.summary_line(statuses, len(broken)))
         return 1 if broken or "failed" in statuses else 0
@@ -541,7 +565,14 @@ def _run_config(args) -> int:
         "mem_gb": args.slurm_mem,
         "slurm_array_parallelism": args.slurm_parallel,
     }
-    statuses = sweep.submit(experiment, args.launcher, force=args.force, wait=args.wait, slurm=slurm)
+    statuses = sweep.submit(
+        experiment,
+        args.launcher,
+        force=args.force,
+        force_teacher=args.force_teacher,
+        wait=args.wait,
+        slurm=slurm,
+    )
     if statuses is None:
         return 0
     print(sweep.summary_line(statuses))
@@ -574,51 +605,22 @@ def _request(args, methods):
 
 def _cmd_eval(args) -> int:
     from ctkd_bench import zoo
-    from ctkd_bench.evaluation import check_data, eval_identity, evaluate, format_table
-    from ctkd_bench.files import write_text_atomic
-    from ctkd_bench.records import SCHEMA_VERSION, now, versions, write_atomic
+    from ctkd_bench.evaluation import format_table
     from ctkd_bench.runner import resolve_device
+    from ctkd_bench.scoring import score_model
 
     config = _eval_config(args, args.tasks)
-    digests = check_data(config)  # before the model loads (a GGUF conversion takes a minute)
     if args.no_progress:  # also transformers' own bars ("Loading weights")
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
     spec = zoo.resolve(args.model)
-    device = resolve_device(args.device)
-    tokenizer = zoo.load_tokenizer(spec)
-    model = zoo.load_model(spec, dtype="bfloat16" if device == "cuda" else "float32").to(device).eval()
-    started = now()
-    result = evaluate(model, tokenizer, config, progress=not args.no_progress)
-    print(format_table(result))
-    if args.results_dir is not None:
-        from ctkd_bench.records import config_hash
-
-        identity = {
-            "schema": SCHEMA_VERSION,
-            "model": zoo.model_identity(spec),
-            "eval": eval_identity(config, digests),
-        }
-        digest = config_hash(identity)
-        record = {
-            "schema_version": SCHEMA_VERSION,
-            "status": "finished",
-            "kind": "eval",
-            "config_hash": digest,
-            "identity": identity,
-            "model": zoo.model_info(spec),
-            "eval": result.to_record(),
-            "versions": versions(),
-            "started_at": started,
-            "finished_at": now(),
-        }
-        path = Path(args.results_dir) / f"eval__{spec.short}__{digest}.json"
-        samples = path.with_name(path.stem + ".samples.jsonl")
-        write_text_atomic(samples, "".join(line + "\n" for line in result.samples_jsonl()))
-        record["eval"]["samples_file"] = samples.name
-        write_atomic(path, record)
-        print(f"record: {path}")
+    scored = score_model(
+        spec, config, args.results_dir, device=resolve_device(args.device), progress=not args.no_progress
+    )
+    if scored.result is not None:
+        print(format_table(scored.result))
+        print(f"record: {scored.path}")
     return 0
 
 
@@ -695,29 +697,25 @@ def _score_cell(score) -> str:
 
 
 def _cmd_finetune(args) -> int:
+    import shutil
+
     from ctkd_bench import zoo
-    from ctkd_bench.runner import MethodRun, RunRequest, run, save_student
+    from ctkd_bench.runner import finetune
 
     spec = zoo.resolve(args.model)
     if args.out.exists() and any(args.out.iterdir()):
         raise UserError(f"--out {args.out} exists and is not empty; choose a new folder")
-    request = RunRequest(
-        methods=[MethodRun("sft")],
-        pairs=[(None, spec)],
+    outcome, folder = finetune(
+        spec,
         data=args.data,
         data_dir=args.data_dir,
         train=_train_config(args),
         results_dir=args.results_dir,
         device=args.device,
-        force=True,
+        force=args.force,
         progress=not args.no_progress,
-        keep_students=True,
     )
-    outcomes = run(request)
-    outcome = outcomes[0]
-    if outcome.status != "finished":
-        return 1
-    save_student(outcome.student, zoo.load_tokenizer(spec), args.out)
+    shutil.copytree(folder, args.out, dirs_exist_ok=True)
     print(f"fine-tuned model written to {args.out} (use it as a teacher: --pair {args.out}:STUDENT)")
     return 0
 
@@ -771,6 +769,7 @@ def _cmd_list(args) -> int:
         print(f"  {alias:<20} tiny random model with the real {base} tokenizer (tests)")
     for alias, hub_id in zoo.HUB_ALIASES.items():
         print(f"  {alias:<20} hub: {hub_id}")
+    print(f"  {'NAME@<N>L':<20} NAME cut to N evenly spaced layers, first and last kept: smollm2-135m@20L")
     print("\ndata sources:")
     for name, text in describe_sources():
         print(f"  {name:<12} {text}")

@@ -106,7 +106,7 @@ class Row:
     """A table row: one method (or ablation, or the Teacher) with its runs, latest first per seed."""
 
     label: str
-    role: str  # "teacher" | "sft" | "method" | "ablation"
+    role: str  # "teacher" | "untrained" (the student before training) | "sft" | "method" | "ablation"
     runs: list[Run]
     cells: dict[str, Cell] = field(default_factory=dict)
 
@@ -307,12 +307,17 @@ def _fill(table: Table, metric: str) -> None:
         row.cells = {t: c for t in tasks if (c := _cell(row, t, metric)) is not None}
     table.columns = _order_tasks({t for row in table.rows for t in row.cells})
     for column in table.columns:
-        students = [row.cells[column] for row in table.rows if row.role != "teacher" and column in row.cells]
+        students = [row.cells[column] for row in table.rows if _is_student(row) and column in row.cells]
         if not students:
             continue
         top = max(round(c.mean, 2) for c in students)
         for c in students:
             c.best = round(c.mean, 2) == top
+
+
+def _is_student(row: Row) -> bool:
+    """A trained student's row (what "best", references and significance compare)."""
+    return row.role not in ("teacher", "untrained")
 
 
 def _slug(text: str) -> str:
@@ -323,7 +328,16 @@ def _is_main(run: Run) -> bool:
     return run.info["ablation"] in (None, "full")
 
 
-def _sections(runs: list[Run], evals: list[Run], metric: str) -> list[Section]:
+def _stage_teachers(members: list[Run], teachers: list[Run]) -> list[Run]:
+    """The teacher-SFT runs whose fine-tuned model is the teacher of these runs (by the folder's name)."""
+    sources = {
+        Path(str(((run.record.get("pair") or {}).get("teacher") or {}).get("source") or "")).name
+        for run in members
+    }
+    return [t for t in teachers if t.record.get("model_dir") and Path(t.record["model_dir"]).name in sources]
+
+
+def _sections(runs: list[Run], evals: list[Run], teachers: list[Run], metric: str) -> list[Section]:
     data_names = {run.info["data"] for run in runs}
     keys: dict[tuple[str, str | None], list[Run]] = {}
     for run in runs:
@@ -343,11 +357,21 @@ def _sections(runs: list[Run], evals: list[Run], metric: str) -> list[Section]:
     for (pair, data), members in sorted(keys.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
         teacher, student = pair.split(":", 1)
         teacher = None if teacher == "none" else teacher
-        title = pair if len(data_names) <= 1 else f"{pair} ({data})"
         rows = []
-        teacher_runs = [e for e in evals if teacher is not None and e.info["model"] == teacher]
-        if teacher_runs:
-            rows.append(Row("Teacher", "teacher", teacher_runs))
+        plain = [
+            e
+            for e in evals
+            if e.info["role"] != "untrained" and teacher is not None and e.info["model"] == teacher
+        ]
+        staged = _stage_teachers(members, teachers)
+        if staged:  # the teacher is a fine-tuned folder: name it by its base model
+            pair = f"{staged[0].info['student']} (SFT):{student}"
+        title = pair if len(data_names) <= 1 else f"{pair} ({data})"
+        if plain or staged:
+            rows.append(Row("Teacher", "teacher", plain + staged))
+        untrained = [e for e in evals if e.info["role"] == "untrained" and e.info["model"] == student]
+        if untrained:
+            rows.append(Row("untrained", "untrained", untrained))
         labels: dict[str, list[Run]] = {}
         for run in members:
             if _is_main(run):  # "sra@full" is the method's main row, "sra"; other settings their own rows
@@ -417,7 +441,7 @@ def _cost_order(run: Run) -> tuple:
 
 
 def _choose_reference(section: Section, baseline: str | None) -> None:
-    students = [row for row in section.main.rows if row.role != "teacher"]
+    students = [row for row in section.main.rows if _is_student(row)]
     if baseline is not None:
         if any(row.label == baseline for row in students):
             section.reference = baseline
@@ -445,7 +469,7 @@ def _choose_reference(section: Section, baseline: str | None) -> None:
 def _significance(section: Section, report: Report, samples: _Samples) -> None:
     if section.reference is None:
         return
-    rows = {row.label: row for row in section.main.rows if row.role != "teacher"}
+    rows = {row.label: row for row in section.main.rows if _is_student(row)}
     reference = rows[section.reference]
     for row in rows.values():
         if row is reference:
@@ -497,7 +521,7 @@ def _protocol_warnings(report: Report) -> list[str]:
                         averages.setdefault(tuple(sorted(run.average_tasks)), []).append(name)
         steps = {}
         for row in section.main.rows:
-            if row.role != "teacher":
+            if _is_student(row):
                 for run in row.latest_runs():
                     steps.setdefault(run.info["steps"], []).append(row.label)
         if len(steps) > 1:
@@ -534,7 +558,8 @@ def build_report(
         rows = results.record_rows(path, record)
         runs.append(Run(path, record, {row["task"]: row for row in rows}))
     finished = [r for r in runs if r.info["status"] == "finished"]
-    trained = [r for r in finished if r.info["kind"] == "run"]
+    trained = [r for r in finished if r.info["kind"] == "run" and r.info["role"] != "teacher"]
+    teachers = [r for r in finished if r.info["kind"] == "run" and r.info["role"] == "teacher"]
     evals = [r for r in finished if r.info["kind"] == "eval"]
     metrics = {
         row["metric"] for r in finished for t, row in r.rows.items() if t not in (None, AVG) and row["metric"]
@@ -543,9 +568,9 @@ def build_report(
         raise UserError(
             f"no eval set reports the metric {metric!r}; metrics in the records: {', '.join(sorted(metrics))}"
         )
-    sections = _sections(trained, evals, metric)
+    sections = _sections(trained, evals, teachers, metric)
     if baseline is not None:
-        present = sorted({row.label for s in sections for row in s.main.rows if row.role != "teacher"})
+        present = sorted({row.label for s in sections for row in s.main.rows if _is_student(row)})
         if baseline not in present:
             raise UserError(f"unknown baseline {baseline!r}; methods present: {', '.join(present) or 'none'}")
     report = Report(
@@ -686,6 +711,8 @@ def _display(row: Row) -> str:
     "SRA [com_weighting=uniform]"; ablation-table rows (bare ablation names) stay as they are."""
     if row.role == "teacher":
         return "Teacher"
+    if row.role == "untrained":
+        return "Student (untrained)"
     method = row.runs[0].info["method"] if row.runs else None
     if row.role == "ablation" or not method or not row.label.startswith(method):
         return row.label
@@ -699,7 +726,7 @@ def main_tex(section: Section) -> str:
     for i, row in enumerate(table.rows):
         label = tex_escape(_display(row))
         rows.append([label, *[tex_cell(row.cells.get(c)) for c in table.columns]])
-        if row.role in ("teacher", "sft"):
+        if row.role in ("teacher", "untrained", "sft"):
             rules.add(i)
     return _tex_table([tex_escape(h) for h in header], rows, rules)
 
@@ -893,7 +920,7 @@ def cost_score_figure(section: Section, metric: str):
 
     points = []
     for row in section.main.rows:
-        if row.role == "teacher" or AVG not in row.cells:
+        if not _is_student(row) or AVG not in row.cells:
             continue
         seconds = _mean(run.info["seconds_per_step"] for run in row.latest_runs())
         if seconds is not None:
@@ -923,7 +950,7 @@ def loss_figure(section: Section):
     terms = ("loss", "ce")
     lines: list[tuple[Row, str | None, dict[str, list[tuple[int, float]]]]] = []
     for row in section.main.rows:
-        for run in row.latest_runs() if row.role != "teacher" else []:
+        for run in row.latest_runs() if _is_student(row) else []:
             curve = (run.record.get("losses") or {}).get("curve") or []
             points = {
                 term: [

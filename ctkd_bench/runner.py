@@ -118,6 +118,7 @@ class RunRequest:
     selection: Any = None  # an evaluation.EvalConfig for the dev selection (default: from `evaluation`)
     checkpoint_every: int = 0  # save the training state every N steps; a re-run resumes from it (0: off)
     keep_going: bool = False  # record any error of one run as a failed record and go on (sweeps)
+    role: str | None = None  # "teacher": the teacher SFT stage (its record is the Teacher row of a report)
 
 
 @dataclass
@@ -346,6 +347,7 @@ def _identity(
         "evaluation": data.evaluation,
         "eval_every": request.eval_every,
         "selection": data.selection if request.eval_every else None,
+        "role": request.role,
     }
 
 
@@ -961,6 +963,7 @@ def _new_record(request, pc: PairContext, p: PlannedRun) -> dict[str, Any]:
         "method": p.run.method,
         "ablation": p.run.ablation,
         "label": p.run.label,
+        "role": request.role,
         "config_hash": p.digest,
         "identity": p.identity,
         "method_config": config_dict(p.config),
@@ -1079,3 +1082,64 @@ def _failed(request, accelerator, pc: PairContext, p: PlannedRun, record, err, p
         write_atomic(p.path, record)
     log(f"FAILED {p.run.label} {pc.names}: {failure}; record {p.path}")
     return RunOutcome(p.run.label, p.path, "failed", record)
+
+
+# ------------------------------------------------------------------------------------- stages
+
+
+def finetuned_dir() -> Path:
+    """Where fine-tuned models are cached, one folder per teacher-SFT record (its stem)."""
+    return zoo.cache_dir() / "finetuned"
+
+
+def finetune(
+    spec: zoo.ModelSpec,
+    *,
+    data: str,
+    data_dir: str | None,
+    train: TrainConfig,
+    results_dir: Path,
+    evaluation: Any = None,
+    device: str = "auto",
+    force: bool = False,
+    progress: bool = True,
+    log=print,
+) -> tuple[RunOutcome, Path]:
+    """The teacher SFT stage (``ctkd-bench finetune`` and an experiment's ``teacher_sft``): one code path.
+
+    Cross-entropy fine-tuning of ``spec`` on the training data, as a run with role ``"teacher"``: its
+    record (loss curve, cost, and with ``evaluation`` its scores: the Teacher row of a report) goes to
+    ``results_dir``, the model to ``<cache>/finetuned/<record stem>/``. The record's identity (model,
+    training-data digest, settings) names the folder, so a re-run reuses both; ``force`` trains again.
+    Returns the run's outcome and the model folder.
+    """
+    root = finetuned_dir()
+    request = RunRequest(
+        methods=[MethodRun("sft")],
+        pairs=[(None, spec)],
+        data=data,
+        data_dir=data_dir,
+        train=train,
+        results_dir=Path(results_dir),
+        device=device,
+        save_model=root,
+        force=force,
+        progress=progress,
+        evaluation=evaluation,
+        role="teacher",
+    )
+    [outcome] = run(request, log=log)
+    folder = root / outcome.path.stem
+    if outcome.status == "skipped" and not (folder / "config.json").is_file():
+        log(f"the fine-tuned model of {outcome.path.name} is not in {root} (a new cache?): fine-tuning again")
+        request.force = True
+        [outcome] = run(request, log=log)
+    if outcome.status == "running":
+        raise UserError(
+            f"{spec.short} is being fine-tuned by another process ({outcome.path.name}); run again when it is done"
+        )
+    if outcome.status == "failed":
+        raise UserError(
+            f"fine-tuning {spec.short} failed: {(outcome.record or {}).get('failure')}; see {outcome.path}"
+        )
+    return outcome, folder

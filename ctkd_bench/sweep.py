@@ -14,6 +14,9 @@ An experiment file is YAML (``ctkd-bench run --config FILE.yaml``)::
     data_dir: ../shared/data
     train: {steps: 200, batch_size: 4, max_length: 512}       # any TrainConfig field but seed
     eval: {tasks: ctkd-instruct, limit: 100, greedy: true}    # EvalConfig fields; omit: no evaluation
+    teacher_sft:                      # stage 1: fine-tune each pair's teacher on the training data first
+      train: {steps: 150, batch_size: 4, max_length: 256, lr: 1.0e-4}   # TrainConfig fields (seed too)
+    eval_untrained: true              # also score each pair's student before any training
     eval_every: 0
     checkpoint_every: 50
     device: auto
@@ -25,6 +28,14 @@ Each (pair, method, ablation, seed) is one run with its own record; its identity
 a finished record exists, so a re-run of the same file skips what is done and resumes the run that
 was in progress from its last checkpoint. A run that fails (NaN/Inf loss, out of memory, any error) is
 recorded as failed with the reason, and the sweep goes on; a re-run retries it.
+
+With ``teacher_sft``, each pair's teacher is first fine-tuned on the experiment's training data
+(:func:`ctkd_bench.runner.finetune`, the code path of ``ctkd-bench finetune``): a run with role
+``teacher`` whose record (loss curve, cost and, with ``eval``, its scores: the Teacher row of the
+report) goes to the results folder and whose model is cached by the record's identity under
+``<cache>/finetuned/``; the pair's students then distil from it. A re-run reuses it; ``--force``
+redoes the students only, ``--force-teacher`` the teacher too. With ``eval_untrained``, each pair's
+student is scored before any training (an eval record with role ``untrained``).
 
 Launchers: ``inline`` (this process; the teacher of a pair is loaded once per seed), ``local``
 (``submitit``'s local executor: one subprocess per run, as a cluster would run them) and ``slurm``
@@ -55,6 +66,8 @@ KEYS = {
     "checkpoint_every",
     "device",
     "save_model",
+    "teacher_sft",
+    "eval_untrained",
 }
 LAUNCHERS = ("inline", "local", "slurm")
 
@@ -77,9 +90,15 @@ class Experiment:
     checkpoint_every: int = 0
     device: str = "auto"
     save_model: str | None = None
+    teacher_sft: dict[str, Any] | None = None  # TrainConfig fields of the teacher SFT stage
+    eval_untrained: bool = False
 
-    def jobs(self) -> list[dict[str, Any]]:
-        """Every run of the experiment as a plain, picklable dict (one cluster array task each)."""
+    def jobs(self, teachers: dict[str, str] | None = None) -> list[dict[str, Any]]:
+        """Every run of the experiment as a plain, picklable dict (one cluster array task each).
+
+        ``teachers``: pair -> the pair with its fine-tuned teacher's folder (after :func:`teacher_stage`).
+        """
+        teachers = teachers or {}
         shared = {
             "data": self.data,
             "data_dir": self.data_dir,
@@ -92,7 +111,7 @@ class Experiment:
             "results_dir": str(self.results_dir),
         }
         return [
-            {"pair": pair, "seed": seed, **method, **shared}
+            {"pair": teachers.get(pair, pair), "seed": seed, **method, **shared}
             for pair in self.pairs
             for seed in self.seeds
             for method in self.methods
@@ -229,10 +248,45 @@ def load_experiment(path: str | Path) -> Experiment:
         checkpoint_every=_count(raw.get("checkpoint_every", 0), source, "checkpoint_every"),
         device=str(raw.get("device", "auto")),
         save_model=_absolute(raw.get("save_model")),
+        teacher_sft=_teacher_sft(raw.get("teacher_sft"), source),
+        eval_untrained=_flag(raw.get("eval_untrained", False), source, "eval_untrained"),
     )
+    if experiment.eval_untrained and experiment.eval is None:
+        raise UserError(f"{_where(source, 'eval_untrained')} needs an 'eval' section (what to score it on)")
     if experiment.device not in ("auto", "cpu", "cuda"):
         raise UserError(f"{_where(source, 'device')} must be auto, cpu or cuda, not {experiment.device!r}")
     return experiment
+
+
+def _flag(value: Any, source: Path, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise UserError(f"{_where(source, key)} must be true or false, not {value!r}")
+    return value
+
+
+def _teacher_sft(value: Any, source: Path) -> dict[str, Any] | None:
+    """The TrainConfig fields of the teacher SFT stage (validated now), or None when there is none."""
+    from ctkd_bench.runner import TrainConfig
+
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) - {"train"}:
+        raise UserError(
+            f"{_where(source, 'teacher_sft')} is a mapping with one key, train, e.g. "
+            "teacher_sft: {train: {steps: 150, lr: 1.0e-4}}"
+        )
+    train = dict(value.get("train") or {})
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    bad = sorted(set(train) - fields)
+    if bad:
+        raise UserError(
+            f"{_where(source, 'teacher_sft.train')}: unknown setting {bad[0]!r}; allowed: {', '.join(sorted(fields))}"
+        )
+    try:
+        TrainConfig(**train).validate()
+    except TypeError as err:
+        raise UserError(f"{_where(source, 'teacher_sft.train')}: {err}") from None
+    return train
 
 
 def _count(value: Any, source: Path, key: str) -> int:
@@ -299,6 +353,63 @@ def request_for(jobs: list[dict[str, Any]], *, force: bool = False, progress: bo
     )
 
 
+def _evaluation(experiment: Experiment):
+    from ctkd_bench.evaluation import EvalConfig
+
+    return EvalConfig(**experiment.eval, data_dir=experiment.data_dir) if experiment.eval else None
+
+
+def teacher_stage(
+    experiment: Experiment, *, force: bool = False, progress: bool = True, log=print
+) -> dict[str, str]:
+    """Fine-tune each pair's teacher (``teacher_sft``); returns pair -> pair with the fine-tuned teacher."""
+    from ctkd_bench import zoo
+    from ctkd_bench.runner import TrainConfig, finetune
+
+    if experiment.teacher_sft is None:
+        return {}
+    out: dict[str, str] = {}
+    for pair in experiment.pairs:
+        teacher, student = pair.split(":")
+        log(f"== {experiment.name}: teacher SFT of {teacher}")
+        _, folder = finetune(
+            zoo.resolve(teacher),
+            data=experiment.data,
+            data_dir=experiment.data_dir,
+            train=TrainConfig(**experiment.teacher_sft),
+            results_dir=experiment.results_dir,
+            evaluation=_evaluation(experiment),
+            device=experiment.device,
+            force=force,
+            progress=progress,
+            log=log,
+        )
+        out[pair] = f"{folder}:{student}"
+    return out
+
+
+def untrained_stage(experiment: Experiment, *, progress: bool = True, log=print) -> None:
+    """Score each pair's student before any training (``eval_untrained``); finished records are kept."""
+    from ctkd_bench import zoo
+    from ctkd_bench.runner import resolve_device
+    from ctkd_bench.scoring import score_model
+
+    if not experiment.eval_untrained:
+        return
+    for student in dict.fromkeys(pair.split(":")[1] for pair in experiment.pairs):
+        log(f"== {experiment.name}: scoring the untrained {student}")
+        score_model(
+            zoo.resolve(student),
+            _evaluation(experiment),
+            experiment.results_dir,
+            device=resolve_device(experiment.device),
+            role="untrained",
+            reuse=True,
+            progress=progress,
+            log=log,
+        )
+
+
 def run_job(job: dict[str, Any], force: bool = False) -> str:
     """Run one job (one array task of a cluster launch); returns its status."""
     from ctkd_bench.runner import run
@@ -307,12 +418,24 @@ def run_job(job: dict[str, Any], force: bool = False) -> str:
     return outcome.status
 
 
-def run_inline(experiment: Experiment, *, force: bool = False, progress: bool = True, log=print):
-    """Run every job in this process, grouped by (pair, seed); a group that cannot start is reported."""
+def run_inline(
+    experiment: Experiment,
+    *,
+    force: bool = False,
+    force_teacher: bool = False,
+    progress: bool = True,
+    log=print,
+):
+    """The teacher stage, the untrained students, then every job in this process, grouped by (pair, seed).
+
+    A group that cannot start is reported and the others go on.
+    """
     from ctkd_bench.runner import run
 
+    teachers = teacher_stage(experiment, force=force_teacher, progress=progress, log=log)
+    untrained_stage(experiment, progress=progress, log=log)
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    for job in experiment.jobs():
+    for job in experiment.jobs(teachers):
         groups.setdefault((job["pair"], job["seed"]), []).append(job)
     outcomes, broken = [], []
     for (pair, seed), jobs in groups.items():
@@ -341,11 +464,15 @@ def submit(
     launcher: str,
     *,
     force: bool = False,
+    force_teacher: bool = False,
     wait: bool = False,
     slurm: dict[str, Any] | None = None,
     log=print,
 ) -> list[str] | None:
-    """Submit one job per run through submitit (``local`` or ``slurm``); with ``wait``, their statuses."""
+    """Submit one job per run through submitit (``local`` or ``slurm``); with ``wait``, their statuses.
+
+    The teacher stage and the untrained students run here first (the jobs need the fine-tuned teacher).
+    """
     import submitit
 
     if launcher not in ("local", "slurm"):
@@ -355,7 +482,9 @@ def submit(
             "--launcher slurm: sbatch is not on PATH; submit from a SLURM login node "
             "(or try the same sweep with --launcher local)"
         )
-    jobs = experiment.jobs()
+    teachers = teacher_stage(experiment, force=force_teacher, progress=False, log=log)
+    untrained_stage(experiment, progress=False, log=log)
+    jobs = experiment.jobs(teachers)
     folder = experiment.results_dir / ".submitit"
     if launcher == "local":
         executor = submitit.LocalExecutor(folder=folder)

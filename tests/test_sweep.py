@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from ctkd_bench import sweep
+from ctkd_bench import sweep, zoo
 from ctkd_bench.cli import main
 from ctkd_bench.errors import UserError
 
@@ -233,3 +233,53 @@ def test_slurm_without_sbatch_says_what_to_do(tmp_path, shared_data, monkeypatch
     experiment = sweep.load_experiment(_experiment(tmp_path, shared_data))
     with pytest.raises(UserError, match="sbatch is not on PATH; submit from a SLURM login node"):
         sweep.submit(experiment, "slurm")
+
+
+def test_teacher_sft_stage_untrained_student_and_the_report_rows(tmp_path, shared_data, monkeypatch, capsys):
+    from ctkd_bench import runner
+    from ctkd_bench.records import read_record
+    from ctkd_bench.report import write_report
+
+    monkeypatch.setattr(runner, "finetuned_dir", lambda: tmp_path / "cache" / "finetuned")
+    config = tmp_path / "exp.yaml"
+    config.write_text(
+        f"""
+name: staged
+results_dir: {tmp_path / "r"}
+pairs: [tiny-gemma3:tiny-smollm2]
+methods: [sft, token-kld]
+seeds: [10]
+data: dolly
+data_dir: {shared_data}
+train: {{steps: 2, batch_size: 2, max_length: 96}}
+eval: {{tasks: dolly, limit: 2, greedy: true, max_new_tokens: 4}}
+teacher_sft: {{train: {{steps: 2, batch_size: 2, max_length: 96, lr: 1.0e-4}}}}
+eval_untrained: true
+"""
+    )
+    assert main(["run", "--config", str(config), "--no-progress"]) == 0
+    records = [read_record(p) for p in sorted((tmp_path / "r").glob("*.json"))]
+    [teacher] = [r for r in records if r.get("role") == "teacher"]
+    assert teacher["pair"]["student"]["name"] == "tiny-gemma3" and teacher["eval"]["tasks"]["dolly"]["n"] == 2
+    folder = tmp_path / "cache" / "finetuned" / Path(teacher["model_dir"]).name
+    assert (folder / "config.json").is_file()
+    [untrained] = [r for r in records if r.get("kind") == "eval"]
+    assert untrained["role"] == "untrained" and untrained["model"]["name"] == "tiny-smollm2"
+    students = [r for r in records if r.get("kind") != "eval" and r.get("role") is None]
+    assert sorted(r["method"] for r in students) == ["sft", "token-kld"]
+    token_kld = next(r for r in students if r["method"] == "token-kld")
+    assert (
+        Path(token_kld["pair"]["teacher"]["source"]).name == folder.name
+    )  # distilled from the fine-tuned one
+    assert token_kld["identity"]["teacher"] == {"folder_digest": zoo.folder_digest(folder)}
+
+    capsys.readouterr()
+    assert main(["run", "--config", str(config), "--no-progress"]) == 0  # everything is reused
+    out = capsys.readouterr().out
+    assert out.count("skip ") == 4 and "\ndone " not in out and "2 skipped" in out
+
+    write_report(tmp_path / "r", tmp_path / "rep", formats=["md"])
+    table = (tmp_path / "rep" / "table.md").read_text()
+    names = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")][1:]
+    assert names[:4] == ["Teacher", "Student (untrained)", "SFT", "token-kld"]
+    assert "tiny-gemma3 (SFT):tiny-smollm2" in (tmp_path / "rep" / "README.md").read_text() + table
