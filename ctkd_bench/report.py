@@ -391,6 +391,12 @@ def _sections(runs: list[Run], evals: list[Run], teachers: list[Run], metric: st
         for run in members:
             if run.info["ablation"] is not None:
                 ablated.setdefault(run.info["method"], {}).setdefault(run.info["ablation"], []).append(run)
+        for method, by_name in ablated.items():  # the plain runs are the "full" row of those seeds
+            seeds = {run.seed for runs in by_name.values() for run in runs}
+            if "full" in _method_ablations(method) and "full" not in by_name:
+                plain = [r for r in members if r.info["method"] == method and r.info["label"] == method]
+                if [r for r in plain if r.seed in seeds]:
+                    by_name["full"] = [r for r in plain if r.seed in seeds]
         for method in sorted(ablated):
             if set(ablated[method]) == {"full"}:
                 continue
@@ -424,6 +430,11 @@ def _method_class(method: str):
         return get_method(method)
     except UserError:
         return None
+
+
+def _method_ablations(method: str) -> dict:
+    cls = _method_class(method)
+    return dict(cls.ablations) if cls is not None else {}
 
 
 def _ablation_order(method: str, ablation: str) -> tuple:

@@ -9,6 +9,7 @@ An experiment file is YAML (``ctkd-bench run --config FILE.yaml``)::
       - sft
       - token-kld
       - {method: sra, set: {lambda_geo: 10}, ablations: all}   # or a list of ablation names
+      - {method: sra, ablations: [no-regularizer], seeds: [10]}  # an entry may run on some seeds only
     seeds: [10, 20, 30]
     data: dolly
     data_dir: ../shared/data
@@ -115,6 +116,7 @@ class Experiment:
             for pair in self.pairs
             for seed in self.seeds
             for method in self.methods
+            if method.get("seeds") is None or seed in method["seeds"]
         ]
 
 
@@ -147,18 +149,28 @@ def _methods(items: list[Any], source: Path) -> list[dict[str, Any]]:
                 f"{_where(source, 'methods')}: each entry is a method name or a mapping with a 'method' key, "
                 f"not {item!r}"
             )
-        unknown = set(item) - {"method", "set", "ablations"}
+        unknown = set(item) - {"method", "set", "ablations", "seeds"}
         if unknown:
             raise UserError(
                 f"{_where(source, 'methods')}: unknown key {sorted(unknown)[0]!r} for {item['method']}; "
-                "allowed: method, set, ablations"
+                "allowed: method, set, ablations, seeds"
             )
+        try:
+            seeds = (
+                None
+                if item.get("seeds") is None
+                else [int(s) for s in _as_list(item["seeds"], source, "seeds")]
+            )
+        except (TypeError, ValueError):
+            raise UserError(
+                f"{_where(source, 'methods')}: seeds of {item['method']} must be integers"
+            ) from None
         cls = get_method(str(item["method"]))
         overrides = {str(k): str(v) for k, v in (item.get("set") or {}).items()}
         apply_overrides(cls.Config(), overrides, cls.name)  # bad settings fail before anything runs
         ablations = item.get("ablations")
         if ablations is None:
-            out.append({"method": cls.name, "ablation": None, "overrides": overrides})
+            out.append({"method": cls.name, "ablation": None, "overrides": overrides, "seeds": seeds})
             continue
         names = list(cls.ablations) if ablations == "all" else _as_list(ablations, source, "ablations")
         if not cls.ablations:
@@ -170,11 +182,16 @@ def _methods(items: list[Any], source: Path) -> list[dict[str, Any]]:
                     f"its ablations: {', '.join(cls.ablations)}"
                 )
             out.append(
-                {"method": cls.name, "ablation": name, "overrides": {**cls.ablations[name], **overrides}}
+                {
+                    "method": cls.name,
+                    "ablation": name,
+                    "overrides": {**cls.ablations[name], **overrides},
+                    "seeds": seeds,
+                }
             )
     seen = set()
     for m in out:
-        key = (m["method"], m["ablation"], tuple(sorted(m["overrides"].items())))
+        key = (m["method"], m["ablation"], tuple(sorted(m["overrides"].items())), tuple(m["seeds"] or ()))
         if key in seen:
             raise UserError(
                 f"{_where(source, 'methods')}: {m['method']} is listed twice with the same settings"
@@ -233,12 +250,20 @@ def load_experiment(path: str | Path) -> Experiment:
     evaluation = raw.get("eval")
     if evaluation is not None:
         evaluation = _eval_settings(evaluation, source, raw.get("data_dir"))
+    methods = _methods(_as_list(raw["methods"], source, "methods"), source)
+    for m in methods:
+        extra = sorted(set(m["seeds"] or ()) - set(seeds))
+        if extra:
+            raise UserError(
+                f"{_where(source, 'methods')}: {m['method']} lists seed {extra[0]}, which is not among the "
+                f"experiment's seeds {seeds}"
+            )
     experiment = Experiment(
         name=name,
         source=source.resolve(),
         results_dir=Path(_absolute(str(raw.get("results_dir") or Path("results") / name))),
         pairs=pairs,
-        methods=_methods(_as_list(raw["methods"], source, "methods"), source),
+        methods=methods,
         seeds=seeds,
         data=str(raw.get("data", "sharegpt")),
         data_dir=_absolute(raw.get("data_dir")),

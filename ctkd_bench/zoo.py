@@ -253,9 +253,15 @@ def _gguf_path(alias: str) -> Path:
 
 
 def _atomic_folder(target: Path, write) -> Path:
-    """Write a folder through a temp sibling + rename, so a killed conversion never leaves half a cache."""
+    """Write a folder through a temp sibling + rename, so a killed conversion never leaves half a cache.
+
+    The folder gets the usual permissions (``mkdtemp`` makes it owner-only), like every cache file.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o777 & ~mask)
     try:
         write(tmp)
         if target.exists():  # another process won the race

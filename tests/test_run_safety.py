@@ -194,3 +194,21 @@ def test_records_of_schema_1_still_load_and_are_not_taken_for_the_new_identity()
     assert frame["batch_size"].eq(4).all() and frame["max_length"].eq(256).all()  # kept by COLUMNS now
     upgraded = results.upgrade(old[0])
     assert upgraded["identity"]["data_digest"] is None and upgraded["config_hash"] == old[0]["config_hash"]
+
+
+def test_caches_get_the_usual_file_permissions(tmp_path, smol_tok, gemma_tok):
+    import os
+
+    from ctkd_bench.alignment import shared_vocab
+    from ctkd_bench.files import write_lines_atomic
+
+    mask = os.umask(0o022)
+    try:
+        shared_vocab(smol_tok, gemma_tok, cache_dir=tmp_path)
+        write_lines_atomic(tmp_path / "data" / "rows.jsonl", ["{}\n"])  # the ShareGPT cache's writer
+        files = [p for p in tmp_path.rglob("*") if p.is_file()]
+        assert files and all(p.stat().st_mode & 0o777 == 0o644 for p in files), [
+            (p.name, oct(p.stat().st_mode)) for p in files
+        ]
+    finally:
+        os.umask(mask)
