@@ -53,6 +53,8 @@ MISSING_MD = "–"
 MISSING_TEX = "--"
 DAGGER_MD = "†"
 DAGGER_TEX = r"$^\dagger$"
+DDAGGER_MD = "‡"  # significantly better than SFT
+DDAGGER_TEX = r"$^\ddagger$"
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -99,6 +101,17 @@ class Cell:
     test: str | None = None  # "examples" | "seeds" | None
     n_paired: int | None = None
     worse: bool = False
+    p_vs_sft: float | None = None  # one-sided p that this row is not better than SFT
+    better_than_sft: bool = False
+
+    def interval(self) -> tuple[float, float] | tuple[None, None]:
+        """95% confidence interval of the mean over training runs (Student t); None for one run."""
+        if self.runs < 2 or self.std is None:
+            return None, None
+        from scipy import stats
+
+        half = float(stats.t.ppf(0.975, self.runs - 1)) * self.std / math.sqrt(self.runs)
+        return self.mean - half, self.mean + half
 
 
 @dataclass
@@ -477,30 +490,33 @@ def _choose_reference(section: Section, baseline: str | None) -> None:
         section.reference_note = "none: no eval results"
 
 
+def _shared_average(a: Row, b: Row, metric: str) -> list[str]:
+    shared = None
+    for run in [*a.task_runs(AVG, metric), *b.task_runs(AVG, metric)]:
+        tasks = set(run.average_tasks)
+        shared = tasks if shared is None else shared & tasks
+    return _order_tasks(shared or [])
+
+
 def _significance(section: Section, report: Report, samples: _Samples) -> None:
-    if section.reference is None:
-        return
+    """† (worse than the reference) and ‡ (better than SFT) on each student cell, one-sided tests."""
     rows = {row.label: row for row in section.main.rows if _is_student(row)}
-    reference = rows[section.reference]
+    reference, sft = rows.get(section.reference or ""), rows.get("sft")
     for row in rows.values():
-        if row is reference:
-            continue
         for column, cell in row.cells.items():
-            if column not in reference.cells:
-                continue
-            average_tasks = []
-            if column == AVG:
-                shared = None
-                for run in [*reference.task_runs(AVG, report.metric), *row.task_runs(AVG, report.metric)]:
-                    tasks = set(run.average_tasks)
-                    shared = tasks if shared is None else shared & tasks
-                average_tasks = _order_tasks(shared or [])
-                if not average_tasks:
-                    continue
-            cell.p_value, cell.test, cell.n_paired = _test(
-                reference, row, column, report, samples, average_tasks
-            )
-            cell.worse = cell.p_value is not None and cell.p_value < ALPHA
+            average_tasks = _shared_average(row, reference or row, report.metric) if column == AVG else []
+            if reference is not None and row is not reference and column in reference.cells:
+                if column != AVG or average_tasks:
+                    cell.p_value, cell.test, cell.n_paired = _test(
+                        reference, row, column, report, samples, average_tasks
+                    )
+                    cell.worse = cell.p_value is not None and cell.p_value < ALPHA
+            if sft is not None and row is not sft and column in sft.cells:
+                average_tasks = _shared_average(row, sft, report.metric) if column == AVG else []
+                if column != AVG or average_tasks:
+                    # the row as the "reference": p that it is not better than SFT
+                    cell.p_vs_sft, _, _ = _test(row, sft, column, report, samples, average_tasks)
+                    cell.better_than_sft = cell.p_vs_sft is not None and cell.p_vs_sft < ALPHA
 
 
 def _protocol_warnings(report: Report) -> list[str]:
@@ -636,7 +652,7 @@ def md_cell(cell: Cell | None) -> str:
     text = f"{cell.mean:.2f}" + (f" ± {cell.std:.2f}" if cell.std is not None else "")
     if cell.best:
         text = f"**{text}**"
-    return text + (DAGGER_MD if cell.worse else "")
+    return text + (DAGGER_MD if cell.worse else "") + (DDAGGER_MD if cell.better_than_sft else "")
 
 
 def tex_cell(cell: Cell | None) -> str:
@@ -647,7 +663,7 @@ def tex_cell(cell: Cell | None) -> str:
         text = rf"\textbf{{{text}}}"
     if cell.std is not None:
         text += rf" {{\scriptsize $\pm$ {cell.std:.2f}}}"
-    return text + (DAGGER_TEX if cell.worse else "")
+    return text + (DAGGER_TEX if cell.worse else "") + (DDAGGER_TEX if cell.better_than_sft else "")
 
 
 def _md_table(header: list[str], rows: list[list[str]], numeric_from: int = 1) -> list[str]:
@@ -698,16 +714,23 @@ def main_markdown(section: Section, report: Report) -> list[str]:
 
 
 def _footnote(section: Section, report: Report) -> str:
+    sft = any(row.label == "sft" for row in section.main.rows)
+    better = (
+        f" {DDAGGER_MD} significantly better than SFT (the same test with SFT as the other side)."
+        if sft
+        else ""
+    )
     if section.reference is None:
-        return f"No significance test (reference: {section.reference_note})."
+        return f"No test against a best method (reference: {section.reference_note}).{better}"
     reference = next(
         (_display(row) for row in section.main.rows if row.label == section.reference), section.reference
     )
     return (
         f"{DAGGER_MD} significantly worse than {reference} ({section.reference_note}): one-sided paired "
         f"bootstrap, p < {ALPHA}, {report.bootstrap} resamples (seed {report.seed}) over examples paired by "
-        f"(set, doc_id) and averaged over eval seeds, Avg. resampling within each set; over the shared per-seed "
-        f"scores where a samples file is missing. Bold: best student per column."
+        f"(set, doc_id), each example's score averaged over eval seeds and training seeds, Avg. resampling "
+        f"within each set; over the shared per-seed scores where a samples file is missing.{better} "
+        f"Bold: best student per column."
     )
 
 
@@ -764,8 +787,12 @@ def main_csv(section: Section, report: Report) -> pd.DataFrame:
                     "reference": section.reference,
                     "test": cell.test,
                     "n_paired": cell.n_paired,
+                    "ci95_low": cell.interval()[0],
+                    "ci95_high": cell.interval()[1],
                     "p_value": cell.p_value,
                     "significantly_worse": cell.worse,
+                    "p_vs_sft": cell.p_vs_sft,
+                    "significantly_better_than_sft": cell.better_than_sft,
                 }
             )
     frame = pd.DataFrame(out)

@@ -296,12 +296,16 @@ def test_main_table_markdown(out):
     labels = [row.split(" | ")[0][2:] for row in rows[1:]]
     assert labels == ["Teacher", "SFT", "DSKD", "SRA", "token-kld", "ULD"]  # as papers print them
     assert rows[1] == "| Teacher | 30.00 ± 0.50 | 27.00 ± 0.50 | 28.50 ± 0.50 |"  # not bold: not a student
-    assert "| SRA | **25.00 ± 0.50** | **22.00 ± 0.50** | **23.50 ± 0.50** |" in rows
-    assert "| ULD | 20.00 ± 1.00† | 17.00 ± 1.00† | 18.50 ± 1.00† |" in rows  # clearly worse than sra
-    assert "| DSKD | 24.90 ± 0.50 | 21.90 ± 0.50 | 23.40 ± 0.50 |" in rows  # indistinguishable: no dagger
+    assert "| SRA | **25.00 ± 0.50**‡ | **22.00 ± 0.50**‡ | **23.50 ± 0.50**‡ |" in rows  # ‡: beats SFT
+    # clearly worse than sra, clearly better than sft
+    assert "| ULD | 20.00 ± 1.00†‡ | 17.00 ± 1.00†‡ | 18.50 ± 1.00†‡ |" in rows
+    assert (
+        "| DSKD | 24.90 ± 0.50‡ | 21.90 ± 0.50‡ | 23.40 ± 0.50‡ |" in rows
+    )  # indistinguishable from sra: no †
     assert "| token-kld | – | – | – |" in rows  # the old record, trained without eval
     assert (
         "† significantly worse than SRA (the best on Avg.)" in text
+        and "‡ significantly better than SFT" in text
         and "paired bootstrap" in text
         and "1000 resamples" in text
     )
@@ -313,8 +317,11 @@ def test_main_table_latex(out):
         "\\bottomrule\n\\end{tabular}\n"
     )
     assert "Method & Dolly & Vicuna & Avg. \\\\" in tex
-    assert r"SRA & \textbf{25.00} {\scriptsize $\pm$ 0.50} & \textbf{22.00} {\scriptsize $\pm$ 0.50}" in tex
-    assert r"ULD & 20.00 {\scriptsize $\pm$ 1.00}$^\dagger$" in tex
+    assert (
+        r"SRA & \textbf{25.00} {\scriptsize $\pm$ 0.50}$^\ddagger$ & \textbf{22.00} {\scriptsize $\pm$ 0.50}$^\ddagger$"
+        in tex
+    )
+    assert r"ULD & 20.00 {\scriptsize $\pm$ 1.00}$^\dagger$$^\ddagger$" in tex
     lines = tex.splitlines()
     assert lines[lines.index(next(line for line in lines if line.startswith("Teacher"))) + 1] == "\\midrule"
     assert lines[lines.index(next(line for line in lines if line.startswith("SFT"))) + 1] == "\\midrule"
