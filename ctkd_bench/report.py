@@ -903,7 +903,9 @@ def _save(fig, out: Path, stem: str, formats: set[str]) -> list[Path]:
     for ext in ("png", "pdf"):
         if ext in formats:
             path = out / f"{stem}.{ext}"
-            fig.savefig(path, format=ext, dpi=150, bbox_inches="tight")
+            # no creation date or software version in the file: the same records give the same bytes
+            metadata = {"CreationDate": None, "Producer": None} if ext == "pdf" else {"Software": None}
+            fig.savefig(path, format=ext, dpi=150, bbox_inches="tight", metadata=metadata)
             written.append(path)
     return written
 
