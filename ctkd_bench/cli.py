@@ -448,6 +448,76 @@ def build_parser() -> argparse.ArgumentParser:
         description="List the registered methods with their default settings and ablations, the "
         "model aliases and the data sources.",
     )
+
+    al = sub.add_parser(
+        "align",
+        help="show how the two tokenizers of a pair cut the same text: spans, token pairs, MinED",
+        description="Tokenize TEXT (or the examples of --data) with both tokenizers of the pair exactly as\n"
+        "training does, and show what the alignment methods see: both tokenizations, the spans (the\n"
+        "finest segmentation both respect: SRA spans, ALM chunks), the token pairs (one token each side\n"
+        "covering the same characters), the MinED vocabulary map (each teacher token -> the student token\n"
+        "with the same string, else the nearest by edit distance) and MinED's DTW alignment.\n\n"
+        "A TEXT is aligned as a response with an empty prompt, so the spans cover all of it (each model\n"
+        "still gets its own BOS, and EOS is appended, as in training). With --data, prompts are not aligned\n"
+        "(as in training) and the statistics that decide which methods suit the pair are printed: tokens\n"
+        "per span, 1:1 spans, token pairs, shared-vocabulary coverage, MinED exact matches, spans per\n"
+        "example. In a terminal the output is coloured (one colour per span); piped, it is plain text.\n"
+        "Only the tokenizers are loaded; the MinED map is computed for the teacher tokens that occur.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  ctkd-bench align 'Zürich is lovely 🌞 today.'\n"
+        "  ctkd-bench align --pair gemma3-270m:smollm2-135m --data dolly --data-dir ../shared/data --limit 200\n"
+        "  ctkd-bench align 'Zürich is lovely 🌞 today.' --html align.html",
+    )
+    al.add_argument(
+        "text",
+        nargs="?",
+        metavar="TEXT",
+        help="the text to align, taken as a response with an empty prompt; or give --data",
+    )
+    al.add_argument(
+        "--pair",
+        default=DEFAULT_PAIR,
+        metavar="TEACHER:STUDENT",
+        help=f"teacher and student (aliases, folders or hub ids; only their tokenizers are loaded) "
+        f"(default: {DEFAULT_PAIR})",
+    )
+    ad = al.add_argument_group("a data set instead of TEXT")
+    ad.add_argument("--data", metavar="NAME", help="dolly, sharegpt, ... or a .jsonl file / folder")
+    ad.add_argument(
+        "--data-dir", metavar="DIR", help="folder in the MiniLLM layout, e.g. ../shared/data (as for `run`)"
+    )
+    ad.add_argument("--split", default="train", help="train, dev or test (default: train)")
+    ad.add_argument(
+        "--limit", type=_positive_int, metavar="N", help="the first N examples of the split (default: 200)"
+    )
+    ad.add_argument(
+        "--show",
+        type=_non_negative_int,
+        metavar="K",
+        help="also show the first K examples token by token (default: none in the terminal, 10 in --html)",
+    )
+    al.add_argument(
+        "--max-length",
+        type=_positive_int,
+        default=512,
+        metavar="N",
+        help="max tokens of prompt + response on each side, as in training; a longer response is "
+        "truncated (default: 512)",
+    )
+    al.add_argument(
+        "--max-prompt-length",
+        type=_positive_int,
+        default=256,
+        metavar="N",
+        help="longer prompts are skipped and counted, as in training (default: 256)",
+    )
+    al.add_argument(
+        "--html",
+        type=Path,
+        metavar="FILE",
+        help="also write a self-contained page (no external resources): teacher and student tokens in two "
+        "rows, a span highlighted in both on hover",
+    )
     return parser
 
 
@@ -776,6 +846,80 @@ def _cmd_list(args) -> int:
     return 0
 
 
+def _cmd_align(args) -> int:
+    from ctkd_bench import align_view, zoo
+    from ctkd_bench.data.sources import Example, load_examples
+
+    if args.text is not None and args.data is not None:
+        raise UserError("give either TEXT or --data NAME, not both")
+    if args.text is None and args.data is None:
+        raise UserError("give a TEXT to align (e.g. ctkd-bench align 'Hello world') or --data NAME")
+    if args.text is not None:
+        if not args.text.strip():
+            raise UserError("TEXT is empty; give a non-blank text to align, or --data NAME")
+        given = [
+            f for f, v in (("--data-dir", args.data_dir), ("--limit", args.limit), ("--show", args.show)) if v
+        ]
+        if given or args.split != "train":
+            raise UserError(f"{(given or ['--split'])[0]} applies to --data, not to a TEXT")
+    teacher_spec, student_spec = zoo.parse_pair(args.pair)
+    if args.text is not None:
+        examples = [Example(prompt="", response=args.text, references=(args.text,), uid="TEXT")]
+        show = None
+    else:
+        examples = load_examples(args.data, args.split, args.data_dir)[: args.limit or 200]
+        show = args.show if args.show is not None else (10 if args.html else 0)
+    if args.html is not None:  # fail before the work, not after it
+        if args.html.is_dir():
+            raise UserError(
+                f"--html {args.html} is a folder; give a file name, e.g. {args.html / 'align.html'}"
+            )
+        try:
+            args.html.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"--html {args.html}: cannot create its folder ({exc.strerror or exc})") from exc
+    teacher_tok, student_tok = zoo.load_tokenizer(teacher_spec), zoo.load_tokenizer(student_spec)
+    tty = sys.stdout.isatty()
+    inspection = align_view.inspect_pair(
+        teacher_tok,
+        student_tok,
+        examples,
+        teacher_name=teacher_spec.name,
+        student_name=student_spec.name,
+        show=show,
+        max_length=args.max_length,
+        max_prompt_tokens=args.max_prompt_length,
+        log=lambda line: print(line, file=sys.stderr, flush=True),
+        progress=sys.stderr.isatty(),
+    )
+    in_terminal = inspection.views if args.text is not None else inspection.views[: args.show or 0]
+    if tty:
+        try:
+            from rich.console import Console
+        except ImportError:  # rich is a dependency; a broken install still gets the plain text
+            tty = False
+    if tty:
+        console = Console()
+        for view in in_terminal:
+            align_view.print_rich(view, inspection, console)
+        if args.data is not None:
+            align_view.print_stats_rich(inspection, console)
+    else:
+        blocks = [align_view.render_plain(view, inspection) for view in in_terminal]
+        if args.data is not None:
+            blocks.append(align_view.render_stats_plain(inspection))
+        print("\n\n".join(blocks))
+    if args.html is not None:
+        try:
+            args.html.write_text(
+                align_view.render_html(inspection, with_stats=args.data is not None), "utf-8"
+            )
+        except OSError as exc:
+            raise UserError(f"--html {args.html}: cannot write it ({exc.strerror or exc})") from exc
+        print(f"page written to {args.html}", file=sys.stderr)
+    return 0
+
+
 COMMANDS = {
     "run": _cmd_run,
     "ablate": _cmd_ablate,
@@ -783,6 +927,7 @@ COMMANDS = {
     "finetune": _cmd_finetune,
     "report": _cmd_report,
     "list": _cmd_list,
+    "align": _cmd_align,
 }
 
 

@@ -180,3 +180,23 @@ def test_shared_vocab_of_a_tokenizer_with_itself_is_everything_but_specials(smol
     specials.discard(smol_tok.eos_token_id)
     assert len(specials) == 16  # SmolLM2's 17 added special tokens (ids 0-16), EOS aside
     assert len(vocab) == len(smol_tok) - len(specials)
+
+
+def test_shared_vocab_pairs_the_piece_a_tokenizer_emits_not_its_byte_fallback(smol_tok, gemma_tok):
+    """Gemma writes ',' as the piece ',' and as <0x2C>; it emits the piece, so the piece is the partner."""
+    vocab = build_shared_vocab(smol_tok, gemma_tok)
+    partner = dict(zip(vocab.student_ids.tolist(), vocab.teacher_ids.tolist()))
+    for text in (",", ".", "n", "0", " the"):
+        [student_id] = smol_tok(text, add_special_tokens=False)["input_ids"]
+        [teacher_id] = gemma_tok(text, add_special_tokens=False)["input_ids"]
+        assert partner[student_id] == teacher_id, text
+    assert (
+        gemma_tok.convert_ids_to_tokens(partner[smol_tok(",", add_special_tokens=False)["input_ids"][0]])
+        == ","
+    )
+    # a byte-fallback partner only where no real piece writes the same byte (e.g. 0x80-0xFF)
+    surfaces = token_surfaces(gemma_tok)
+    fallback = {i for t, i in gemma_tok.get_vocab().items() if len(t) == 6 and t.startswith("<0x")}
+    pieces = {surfaces[i] for i in range(len(surfaces)) if surfaces[i] is not None and i not in fallback}
+    used = [i for i in vocab.teacher_ids.tolist() if i in fallback]
+    assert used and all(surfaces[i] not in pieces for i in used)

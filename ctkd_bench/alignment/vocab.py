@@ -113,30 +113,54 @@ def _fingerprint(tokenizer) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:20]
 
 
+# bump when the construction changes: the disk cache of older versions is then not read
+SHARED_VOCAB_VERSION = 2  # 2: a surface written by several ids keeps the one the tokenizer emits
+
+
+def _byte_fallback_ids(tokenizer) -> set[int]:
+    """Ids of SentencePiece byte-fallback tokens (``<0x2C>``), which encode only bytes no piece covers."""
+    if tokenizer_style(tokenizer) != "sentencepiece":
+        return set()
+    return {
+        idx
+        for token, idx in tokenizer.get_vocab().items()
+        if len(token) == 6 and token.startswith("<0x") and token.endswith(">")
+    }
+
+
+def surface_ids(tokenizer) -> dict[bytes, int]:
+    """Surface bytes -> the one id that stands for them: the id the tokenizer actually emits.
+
+    Gemma writes ``,`` both as the piece ``,`` (id 236764) and as the byte-fallback ``<0x2C>`` (id 282),
+    which its encoder never emits for a comma; a non-fallback id is preferred, then the lowest id.
+    """
+    fallback = _byte_fallback_ids(tokenizer)
+    chosen: dict[bytes, int] = {}
+    for idx, surface in enumerate(token_surfaces(tokenizer)):
+        if surface is None:
+            continue
+        known = chosen.get(surface)
+        if known is None or (known in fallback and idx not in fallback):
+            chosen[surface] = idx
+    return chosen
+
+
 def build_shared_vocab(student_tokenizer, teacher_tokenizer) -> SharedVocab:
-    """Compute the shared vocabulary (no cache). Sorted by student id; each id appears at most once."""
-    teacher_by_surface: dict[bytes, int] = {}
-    for idx, surface in enumerate(token_surfaces(teacher_tokenizer)):
-        if surface is not None and surface not in teacher_by_surface:  # duplicates: keep the lowest id
-            teacher_by_surface[surface] = idx
-    student_ids: list[int] = []
-    teacher_ids: list[int] = []
-    used_teacher: set[int] = set()
+    """Compute the shared vocabulary (no cache). Sorted by student id; each id appears at most once.
+
+    Each side's surfaces are taken through :func:`surface_ids` (one id per string, never a byte-fallback
+    duplicate of a real piece); the two EOS tokens are paired explicitly.
+    """
+    teacher_by_surface = surface_ids(teacher_tokenizer)
     eos_s, eos_t = student_tokenizer.eos_token_id, teacher_tokenizer.eos_token_id
-    for idx, surface in enumerate(token_surfaces(student_tokenizer)):
-        if idx == eos_s:
-            t_idx = eos_t
-        elif surface is None or surface not in teacher_by_surface:
-            continue
-        else:
-            t_idx = teacher_by_surface[surface]
-        if t_idx in used_teacher:
-            continue
-        used_teacher.add(t_idx)
-        student_ids.append(idx)
-        teacher_ids.append(t_idx)
+    pairs = {eos_s: eos_t}
+    for surface, idx in surface_ids(student_tokenizer).items():
+        if surface in teacher_by_surface and idx != eos_s and teacher_by_surface[surface] != eos_t:
+            pairs[idx] = teacher_by_surface[surface]
+    student_ids = sorted(pairs)
     return SharedVocab(
-        torch.tensor(student_ids, dtype=torch.long), torch.tensor(teacher_ids, dtype=torch.long)
+        torch.tensor(student_ids, dtype=torch.long),
+        torch.tensor([pairs[i] for i in student_ids], dtype=torch.long),
     )
 
 
@@ -146,7 +170,7 @@ def shared_vocab(student_tokenizer, teacher_tokenizer, cache_dir: Path | None = 
         from ctkd_bench.zoo import cache_dir as default_cache
 
         cache_dir = default_cache()
-    key = f"{_fingerprint(student_tokenizer)}-{_fingerprint(teacher_tokenizer)}"
+    key = f"{_fingerprint(student_tokenizer)}-{_fingerprint(teacher_tokenizer)}-v{SHARED_VOCAB_VERSION}"
     path = Path(cache_dir) / "vocab" / f"{key}.pt"
     if path.is_file():
         blob = torch.load(path)
