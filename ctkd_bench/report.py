@@ -341,13 +341,28 @@ def _is_main(run: Run) -> bool:
     return run.info["ablation"] in (None, "full")
 
 
-def _stage_teachers(members: list[Run], teachers: list[Run]) -> list[Run]:
-    """The teacher-SFT runs whose fine-tuned model is the teacher of these runs (by the folder's name)."""
+def _stage_teachers(members: list[Run], evals: list[Run]) -> list[Run]:
+    """The scores of the fine-tuned teacher of these runs (eval records with role "teacher"), matched by
+    the folder's name (its record stem), so that records made on another machine still match."""
     sources = {
         Path(str(((run.record.get("pair") or {}).get("teacher") or {}).get("source") or "")).name
         for run in members
     }
-    return [t for t in teachers if t.record.get("model_dir") and Path(t.record["model_dir"]).name in sources]
+    return [
+        e
+        for e in evals
+        if e.info["role"] == "teacher"
+        and Path(str((e.record.get("model") or {}).get("source") or "")).name in sources
+    ]
+
+
+def _teacher_base(run: Run, teachers: list[Run]) -> str:
+    """The model a fine-tuned teacher was trained from, from its teacher-SFT record (else its folder)."""
+    folder = Path(str((run.record.get("model") or {}).get("source") or "")).name
+    for t in teachers:
+        if t.record.get("model_dir") and Path(t.record["model_dir"]).name == folder:
+            return str(t.info["student"])
+    return folder
 
 
 def _sections(runs: list[Run], evals: list[Run], teachers: list[Run], metric: str) -> list[Section]:
@@ -372,13 +387,11 @@ def _sections(runs: list[Run], evals: list[Run], teachers: list[Run], metric: st
         teacher = None if teacher == "none" else teacher
         rows = []
         plain = [
-            e
-            for e in evals
-            if e.info["role"] != "untrained" and teacher is not None and e.info["model"] == teacher
+            e for e in evals if e.info["role"] is None and teacher is not None and e.info["model"] == teacher
         ]
-        staged = _stage_teachers(members, teachers)
+        staged = _stage_teachers(members, evals)
         if staged:  # the teacher is a fine-tuned folder: name it by its base model
-            pair = f"{staged[0].info['student']} (SFT):{student}"
+            pair = f"{_teacher_base(staged[0], teachers)} (SFT):{student}"
         title = pair if len(data_names) <= 1 else f"{pair} ({data})"
         if plain or staged:
             rows.append(Row("Teacher", "teacher", plain + staged))

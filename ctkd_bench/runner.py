@@ -1103,15 +1103,17 @@ def finetune(
     device: str = "auto",
     force: bool = False,
     progress: bool = True,
+    checkpoint_every: int = 0,
     log=print,
 ) -> tuple[RunOutcome, Path]:
     """The teacher SFT stage (``ctkd-bench finetune`` and an experiment's ``teacher_sft``): one code path.
 
     Cross-entropy fine-tuning of ``spec`` on the training data, as a run with role ``"teacher"``: its
-    record (loss curve, cost, and with ``evaluation`` its scores: the Teacher row of a report) goes to
-    ``results_dir``, the model to ``<cache>/finetuned/<record stem>/``. The record's identity (model,
-    training-data digest, settings) names the folder, so a re-run reuses both; ``force`` trains again.
-    Returns the run's outcome and the model folder.
+    record (loss curve, cost) goes to ``results_dir``, the model to ``<cache>/finetuned/<record stem>/``.
+    The record's identity (model, training-data digest, training settings) names the folder, so a re-run
+    reuses both; ``force`` trains again. With ``evaluation`` the fine-tuned model is then scored (an eval
+    record with role ``"teacher"``: the Teacher row of a report); other evaluation settings later score
+    the same folder again, never retrain it. Returns the run's outcome and the model folder.
     """
     root = finetuned_dir()
     request = RunRequest(
@@ -1125,8 +1127,8 @@ def finetune(
         save_model=root,
         force=force,
         progress=progress,
-        evaluation=evaluation,
         role="teacher",
+        checkpoint_every=checkpoint_every,
     )
     [outcome] = run(request, log=log)
     folder = root / outcome.path.stem
@@ -1142,4 +1144,21 @@ def finetune(
         raise UserError(
             f"fine-tuning {spec.short} failed: {(outcome.record or {}).get('failure')}; see {outcome.path}"
         )
+    if evaluation is not None:
+        from ctkd_bench.scoring import score_model
+
+        scored = score_model(
+            zoo.resolve(str(folder)),
+            evaluation,
+            results_dir,
+            device=resolve_device(device),
+            role="teacher",
+            reuse=not force,
+            progress=progress,
+            log=log,
+        )
+        if scored.status == "running":
+            raise UserError(
+                f"the fine-tuned {spec.short} is being scored by another process; run again later"
+            )
     return outcome, folder

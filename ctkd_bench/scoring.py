@@ -45,7 +45,8 @@ def score_model(
 ) -> Scored:
     """Score ``spec`` with the evaluation ``config`` and write its eval record under ``results_dir``.
 
-    ``role``: ``"untrained"`` marks the student before any training (its own row in a report).
+    ``role``: ``"untrained"`` marks the student before any training (its own row in a report),
+    ``"teacher"`` a fine-tuned teacher of the teacher SFT stage (the Teacher row).
     ``reuse``: a finished record of the same identity is kept instead of scoring again (sweeps).
     """
     from ctkd_bench.evaluation import check_data, eval_identity, evaluate

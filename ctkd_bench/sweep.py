@@ -407,6 +407,7 @@ def teacher_stage(
             device=experiment.device,
             force=force,
             progress=progress,
+            checkpoint_every=experiment.checkpoint_every,
             log=log,
         )
         out[pair] = f"{folder}:{student}"

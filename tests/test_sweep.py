@@ -259,12 +259,14 @@ eval_untrained: true
     )
     assert main(["run", "--config", str(config), "--no-progress"]) == 0
     records = [read_record(p) for p in sorted((tmp_path / "r").glob("*.json"))]
-    [teacher] = [r for r in records if r.get("role") == "teacher"]
-    assert teacher["pair"]["student"]["name"] == "tiny-gemma3" and teacher["eval"]["tasks"]["dolly"]["n"] == 2
+    [teacher] = [r for r in records if r.get("role") == "teacher" and r.get("kind") != "eval"]
+    assert teacher["pair"]["student"]["name"] == "tiny-gemma3" and "eval" not in teacher  # trained, not scored
     folder = tmp_path / "cache" / "finetuned" / Path(teacher["model_dir"]).name
     assert (folder / "config.json").is_file()
-    [untrained] = [r for r in records if r.get("kind") == "eval"]
-    assert untrained["role"] == "untrained" and untrained["model"]["name"] == "tiny-smollm2"
+    [scored] = [r for r in records if r.get("role") == "teacher" and r.get("kind") == "eval"]
+    assert Path(scored["model"]["source"]).name == folder.name and scored["eval"]["tasks"]["dolly"]["n"] == 2
+    [untrained] = [r for r in records if r.get("role") == "untrained"]
+    assert untrained["kind"] == "eval" and untrained["model"]["name"] == "tiny-smollm2"
     students = [r for r in records if r.get("kind") != "eval" and r.get("role") is None]
     assert sorted(r["method"] for r in students) == ["sft", "token-kld"]
     token_kld = next(r for r in students if r["method"] == "token-kld")
@@ -276,7 +278,7 @@ eval_untrained: true
     capsys.readouterr()
     assert main(["run", "--config", str(config), "--no-progress"]) == 0  # everything is reused
     out = capsys.readouterr().out
-    assert out.count("skip ") == 4 and "\ndone " not in out and "2 skipped" in out
+    assert out.count("skip ") == 5 and "\ndone " not in out and "2 skipped" in out
 
     write_report(tmp_path / "r", tmp_path / "rep", formats=["md"])
     table = (tmp_path / "rep" / "table.md").read_text()
