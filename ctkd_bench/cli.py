@@ -615,9 +615,15 @@ def _run_config(args) -> int:
     if args.results_dir != Path("results"):
         experiment.results_dir = args.results_dir.expanduser().resolve()
     jobs = experiment.jobs()
+    stages = [
+        *(["teacher SFT"] if experiment.teacher_sft is not None else []),
+        *(["untrained students scored"] if experiment.eval_untrained else []),
+    ]
     print(
-        f"experiment {experiment.name}: {len(experiment.pairs)} pair(s) x {len(experiment.methods)} method run(s) "
-        f"x {len(experiment.seeds)} seed(s) = {len(jobs)} run(s) -> {experiment.results_dir}"
+        f"experiment {experiment.name}: {len(experiment.pairs)} pair(s), {len(experiment.methods)} method "
+        f"entries, {len(experiment.seeds)} seed(s): {len(jobs)} run(s)"
+        + (f" after {' and '.join(stages)}" if stages else "")
+        + f" -> {experiment.results_dir}"
     )
     if args.launcher == "inline":
         outcomes, broken = sweep.run_inline(
