@@ -218,9 +218,9 @@ def _add_eval_args(g) -> None:
     g.add_argument(
         "--eval-batch-size",
         type=_positive_int,
-        default=8,
+        default=16,
         metavar="N",
-        help="generation batch size (default: 8)",
+        help="generation batch size (default: 16, the fastest of 8/16/32 measured on a 2-core CPU)",
     )
     g.add_argument(
         "--eval-max-new-tokens",

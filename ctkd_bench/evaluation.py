@@ -35,6 +35,10 @@ Protocol (DSKD ``eval_main.sh`` / ``evaluate_main.py`` / ``rouge_metric.py``, se
   prediction is stripped of surrounding whitespace (as DSKD does; ROUGE ignores it anyway). KV cache on
   (HFLM passes ``use_cache=True``); HFLM's Collator sorts requests by prompt length (longest first) and
   batches them ``batch_size`` at a time with left padding (``tok_batch_encode(padding_side="left")``).
+  Greedy decoding does not call ``generate``: :func:`ctkd_bench.generation.greedy_decode` produces the
+  same tokens but drops each row from the batch (and the KV cache) at its EOS or stop string, where
+  ``generate`` decodes every row until the whole batch ends (about half of its work was padding).
+  Sampling still calls ``generate``.
   A fresh ``GenerationConfig`` is not used: the explicit values above override the model's own
   generation defaults (e.g. Gemma-3's top-k 64), other model defaults (none here) would apply.
 * ``greedy=True``: a quick deterministic pass: ``do_sample=False``, still ``no_repeat_ngram_size`` 6 (the
@@ -109,17 +113,18 @@ def rouge_l(prediction: str, references: Sequence[str]) -> float:
     return 100.0 * max(scorer.score(ref, prediction)["rougeL"].fmeasure for ref in references)
 
 
-def instruction_docs(source: str, split: str, data_dir: str | Path | None = None):
+def instruction_docs(source: str, split: str, data_dir: str | Path | None = None, limit: int | None = None):
     """The documents of one instruction set as a ``datasets.DatasetDict`` ``{split: Dataset}``.
 
-    Columns ``uid``, ``prompt`` (the Alpaca-template text), ``references`` (list of strings). Errors of
-    the data (missing folder, no hub, bad rows) are :class:`UserError` from ``load_examples``.
+    Columns ``uid``, ``prompt`` (the Alpaca-template text), ``references`` (list of strings); only the
+    first ``limit`` examples when given. Errors of the data (missing folder, no hub, bad rows) are
+    :class:`UserError` from ``load_examples``.
     """
     import datasets
 
     from ctkd_bench.data.sources import load_examples
 
-    examples = load_examples(source, split, data_dir)
+    examples = load_examples(source, split, data_dir)[:limit]
     rows = {
         "uid": [ex.uid for ex in examples],
         "prompt": [ex.prompt for ex in examples],
@@ -137,10 +142,12 @@ class EvalConfig:
 
     tasks: tuple[str, ...] = (GROUP_NAME,)
     data_dir: str | None = None  # local data folder (../shared/data layout); None: Hugging Face hub
-    limit: int | None = None  # score only the first N examples of each set
+    # score only the first N examples of each set; a mapping gives each of our sets its own limit
+    # ({dolly: null, selfinst: 100}: all of Dolly test, the first 100 of SelfInst; unnamed sets: all)
+    limit: int | dict[str, int | None] | None = None
     seeds: tuple[int, ...] = (10, 20, 30, 40, 50)
     greedy: bool = False  # one deterministic pass instead of sampling over the seeds
-    batch_size: int = 8
+    batch_size: int = 16  # generation batch; 16 measured best of 8/16/32 (python -m ctkd_bench.genbench)
     max_new_tokens: int = 256
     max_prompt_tokens: int = 256
 
@@ -155,12 +162,46 @@ class EvalConfig:
             raise UserError("no evaluation seed given; the protocol uses 10,20,30,40,50")
         if len(set(self.seeds)) != len(self.seeds):
             raise UserError(f"evaluation seeds repeat: {self.seeds}; give each seed once")
+        if isinstance(self.limit, dict):
+            self._check_limits()
         for name in ("limit", "batch_size", "max_new_tokens", "max_prompt_tokens"):
             value = getattr(self, name)
+            if name == "limit" and isinstance(value, dict):
+                continue
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise UserError(f"evaluation {name} must be a positive integer, got {value!r}")
         if self.data_dir is not None:
             self.data_dir = str(Path(self.data_dir).expanduser().resolve())
+
+    def _check_limits(self) -> None:
+        leaves = set(_leaf_order(self.tasks))
+        for task, value in self.limit.items():
+            if task not in leaves or task not in TASK_NAMES:
+                raise UserError(
+                    f"evaluation limit names {task!r}, which is not one of our evaluated sets "
+                    f"({', '.join(sorted(leaves & set(TASK_NAMES)))})"
+                )
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise UserError(
+                    f"evaluation limit of {task} must be a positive integer or null, got {value!r}"
+                )
+
+    def set_limits(self) -> dict[str, int | None]:
+        """``{"<source>/<split>": N}`` for a per-set limit (what our tasks' ``load_docs`` cuts), else {}."""
+        if not isinstance(self.limit, dict):
+            return {}
+        import yaml
+
+        out = {}
+        for task, value in self.limit.items():
+            spec = yaml.safe_load((tasks_dir() / f"{task}.yaml").read_text(encoding="utf-8"))
+            kwargs = spec["dataset_kwargs"]
+            out[f"{kwargs['source']}/{kwargs['split']}"] = value
+        return out
+
+    def run_limit(self) -> int | None:
+        """The limit lm-eval applies to every task (None when each set has its own)."""
+        return None if isinstance(self.limit, dict) else self.limit
 
     def generation_kwargs(self) -> dict[str, Any]:
         """The lm-eval ``generation_kwargs`` of our tasks under this config (``until`` included)."""
@@ -244,7 +285,9 @@ class RunCost:
 
     seconds: float = 0.0
     generate_seconds: float = 0.0
-    generated_tokens: int = 0  # per row: new tokens up to and including the first EOS (all if none)
+    # kept tokens, per row: new tokens up to and including the first EOS or the token that completes a
+    # stop string (lm-eval's test), all if neither
+    generated_tokens: int = 0
 
     @property
     def tokens_per_second(self) -> float:
@@ -400,6 +443,7 @@ def _hflm_class():
             self.progress = progress
             self.seed: int | None = None
             self.cost = RunCost()
+            self.fast_greedy = True  # greedy through ctkd_bench.generation.greedy_decode, not generate
 
         def generate_until(self, requests, disable_tqdm: bool = False):
             # One pass per task, each after re-seeding torch: a set's samples do not depend on the others.
@@ -418,19 +462,51 @@ def _hflm_class():
             return outputs
 
         def _model_generate(self, context, max_length, stop, **generation_kwargs):
+            from ctkd_bench.generation import StopStrings, fast_greedy_supported, greedy_decode
+
             generation_kwargs.setdefault("eos_token_id", self.eos_token_ids)
+            eos = generation_kwargs["eos_token_id"]
+            eos = [int(i) for i in (eos if isinstance(eos, (list, tuple)) else [eos])]
+            max_new_tokens = max_length - context.shape[1]
+            fast = (
+                self.fast_greedy
+                and self.backend == "causal"
+                and max_new_tokens > 0
+                and self.tokenizer.pad_token_id is not None
+                and fast_greedy_supported(self.model, generation_kwargs)
+            )
             synchronize = context.device.type == "cuda"
             start = time.perf_counter()
-            out = super()._model_generate(context, max_length, stop, **generation_kwargs)
+            if fast:
+                with torch.autocast(
+                    device_type=self.device.type,
+                    dtype=self.mixed_precision_dtype,
+                    enabled=self.mixed_precision_dtype is not None,
+                ):
+                    generated = greedy_decode(
+                        self.model,
+                        context,
+                        generation_kwargs.get("attention_mask"),
+                        max_new_tokens=max_new_tokens,
+                        eos_token_ids=eos,
+                        pad_token_id=self.tokenizer.pad_token_id,
+                        tokenizer=self.tokenizer,
+                        stop_sequences=stop,
+                        no_repeat_ngram_size=generation_kwargs.get("no_repeat_ngram_size"),
+                        repetition_penalty=generation_kwargs.get("repetition_penalty"),
+                    )
+                out = generated.sequences
+            else:
+                out = super()._model_generate(context, max_length, stop, **generation_kwargs)
             if synchronize:
                 torch.cuda.synchronize(context.device)
             self.cost.generate_seconds += time.perf_counter() - start
-            new = out[:, context.shape[1] :]
-            if new.shape[1]:
-                is_eos = torch.isin(new, torch.tensor(self.eos_token_ids, device=new.device))
-                first = is_eos.int().argmax(dim=1)
-                counts = torch.where(is_eos.any(dim=1), first + 1, torch.full_like(first, new.shape[1]))
-                self.cost.generated_tokens += int(counts.sum())
+            if fast:
+                self.cost.generated_tokens += sum(generated.kept)
+            else:
+                checker = StopStrings(self.tokenizer, stop)
+                for row in out[:, context.shape[1] :].tolist():
+                    self.cost.generated_tokens += checker.kept_length(row, eos)
             return out
 
         def get_model_info(self) -> dict:  # the base class asks the hub for the model's sha
@@ -524,7 +600,7 @@ def _simple_evaluate(lm, tasks: list, manager, config: EvalConfig, seed: int) ->
         model=lm,
         tasks=tasks,
         task_manager=manager,
-        limit=config.limit,
+        limit=config.run_limit(),
         random_seed=seed,
         numpy_random_seed=seed,
         torch_random_seed=seed,
@@ -615,7 +691,9 @@ def _load_ours(config: EvalConfig, names: list[str]):
     from lm_eval.tasks import TaskManager
 
     manager = TaskManager(
-        include_path=str(tasks_dir()), include_defaults=False, metadata={"data_dir": config.data_dir}
+        include_path=str(tasks_dir()),
+        include_defaults=False,
+        metadata={"data_dir": config.data_dir, "limits": config.set_limits()},
     )
     try:
         loaded = manager.load(names)

@@ -336,6 +336,14 @@ def _per_seed(scores: dict[str, Any] | None) -> tuple[list[int], list[float]]:
     return [seed for seed, _ in pairs], [score for _, score in pairs]
 
 
+def _limit(value: Any) -> Any:
+    """An eval limit as one number: a per-set mapping counts as its largest cap (None: no set is capped)."""
+    if isinstance(value, dict):
+        caps = [v for v in value.values() if v is not None]
+        return max(caps) if caps else None
+    return value
+
+
 def record_rows(path: Path, record: dict[str, Any]) -> list[dict[str, Any]]:
     """The DataFrame rows of one (upgraded) record."""
     kind = record.get("kind") or "run"
@@ -382,7 +390,7 @@ def record_rows(path: Path, record: dict[str, Any]) -> list[dict[str, Any]]:
         "max_length": train.get("max_length"),
         "uses_teacher": uses_teacher,
         "eval_mode": protocol.get("mode"),
-        "eval_limit": protocol.get("limit"),
+        "eval_limit": _limit(protocol.get("limit")),
         "eval_max_new_tokens": protocol.get("max_new_tokens"),
         "eval_tasks": list(protocol.get("tasks") or evaluation.get("tasks") or []) or None,
         "samples_file": str(samples) if samples else None,

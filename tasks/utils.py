@@ -14,14 +14,17 @@ from typing import Any
 from ctkd_bench.evaluation import instruction_docs, rouge_l
 
 
-def load_docs(source: str, split: str, data_dir: str | None = None, **_metadata: Any):
+def load_docs(
+    source: str, split: str, data_dir: str | None = None, limits: dict | None = None, **_metadata: Any
+):
     """The ``custom_dataset`` of every task: lm-eval calls it as ``load_docs(**metadata, **dataset_kwargs)``.
 
     ``source``/``split`` come from the task's ``dataset_kwargs``; ``data_dir`` from the TaskManager
-    metadata (absent or None: the Hugging Face hub copies); lm-eval's own metadata keys (``version``,
-    ``config_source``, ...) are ignored.
+    metadata (absent or None: the Hugging Face hub copies); ``limits`` (metadata too) maps
+    ``"<source>/<split>"`` to the number of first examples to keep (per-set limits of ``ctkd-bench``);
+    lm-eval's own metadata keys (``version``, ``config_source``, ...) are ignored.
     """
-    return instruction_docs(source, split, data_dir)
+    return instruction_docs(source, split, data_dir, limit=(limits or {}).get(f"{source}/{split}"))
 
 
 def process_results(doc: dict, results: list[str]) -> dict[str, float]:
