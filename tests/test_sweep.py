@@ -260,7 +260,9 @@ eval_untrained: true
     assert main(["run", "--config", str(config), "--no-progress"]) == 0
     records = [read_record(p) for p in sorted((tmp_path / "r").glob("*.json"))]
     [teacher] = [r for r in records if r.get("role") == "teacher" and r.get("kind") != "eval"]
-    assert teacher["pair"]["student"]["name"] == "tiny-gemma3" and "eval" not in teacher  # trained, not scored
+    assert (
+        teacher["pair"]["student"]["name"] == "tiny-gemma3" and "eval" not in teacher
+    )  # trained, not scored
     folder = tmp_path / "cache" / "finetuned" / Path(teacher["model_dir"]).name
     assert (folder / "config.json").is_file()
     [scored] = [r for r in records if r.get("role") == "teacher" and r.get("kind") == "eval"]
