@@ -10,6 +10,7 @@ import pytest
 import torch
 from ctkd_bench.methods import cdm as cdm_module
 from ctkd_bench.methods.cdm import entropy_factors, extend_vocab_map, merge_weights, weighted_dtw
+from reference_loops import dtw_reference
 
 from ctkd_bench.api import MethodContext, ModelOutputs, apply_overrides, get_method
 from ctkd_bench.errors import UserError
@@ -22,28 +23,6 @@ def levenshtein(a: str, b: str) -> int:
         for j, cb in enumerate(b, 1):
             prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
     return row[-1]
-
-
-def dtw_reference(cost: list[list[float]]) -> list[tuple[int, int]]:
-    """The reference's dtw written plainly: inf borders, backtrack diagonal > up > left."""
-    n, m = len(cost), len(cost[0])
-    acc = [[math.inf] * (m + 1) for _ in range(n + 1)]
-    acc[0][0] = 0.0
-    for i in range(n):
-        for j in range(m):
-            acc[i + 1][j + 1] = cost[i][j] + min(acc[i][j + 1], acc[i + 1][j], acc[i][j])
-    i, j, path = n - 1, m - 1, []
-    while i > 0 or j > 0:
-        path.append((i, j))
-        options = [
-            acc[i][j] if i > 0 and j > 0 else math.inf,
-            acc[i][j + 1] if i > 0 else math.inf,
-            acc[i + 1][j] if j > 0 else math.inf,
-        ]
-        move = options.index(min(options))
-        i, j = (i - 1, j - 1) if move == 0 else (i - 1, j) if move == 1 else (i, j - 1)
-    path.append((0, 0))
-    return path[::-1]
 
 
 def test_entropy_factors_by_hand():

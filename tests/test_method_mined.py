@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from reference_loops import dtw_reference
 
 from ctkd_bench.alignment import MinedAligner, dtw_align
 from ctkd_bench.alignment.mined import build_vocab_map, min_edit_vocab_map
@@ -14,28 +15,6 @@ from ctkd_bench.api import MethodContext, ModelOutputs, VocabMap, get_method
 from ctkd_bench.data.batch import collate
 from ctkd_bench.data.encode import PairEncoder
 from ctkd_bench.data.sources import Example, format_prompt
-
-
-def dtw_reference(cost: list[list[float]]) -> list[tuple[int, int]]:
-    """DSKD's dtw written plainly: full DP with inf borders, backtrack diag > up > left."""
-    n, m = len(cost), len(cost[0])
-    acc = [[math.inf] * (m + 1) for _ in range(n + 1)]
-    acc[0][0] = 0.0
-    for i in range(n):
-        for j in range(m):
-            acc[i + 1][j + 1] = cost[i][j] + min(acc[i][j + 1], acc[i + 1][j], acc[i][j])
-    i, j, path = n - 1, m - 1, []
-    while i > 0 or j > 0:
-        path.append((i, j))
-        options = [
-            acc[i][j] if i > 0 and j > 0 else math.inf,
-            acc[i][j + 1] if i > 0 else math.inf,
-            acc[i + 1][j] if j > 0 else math.inf,
-        ]
-        move = options.index(min(options))
-        i, j = (i - 1, j - 1) if move == 0 else (i - 1, j) if move == 1 else (i, j - 1)
-    path.append((0, 0))
-    return path[::-1]
 
 
 def test_dtw_path_on_a_five_token_example():
