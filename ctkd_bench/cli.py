@@ -442,6 +442,42 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+    bn = sub.add_parser(
+        "bench",
+        help="time every method on a pair in one process: s/step, teacher share, peak memory, ratios",
+        description="Train each method for a few steps on the same batches (the first step is not timed) "
+        "and print per method: s/step, the teacher's s/step, peak memory and the ratio s/step / (SFT s/step "
+        "+ the method's teacher s/step); then the sweep ratio of running them all one after the other, "
+        "sum of steps / (sum of student steps + one teacher forward). The last line is exactly "
+        "max_method_ratio=<float> sweep_ratio=<float>. Records go to a temporary folder.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  ctkd-bench bench\n  ctkd-bench bench --methods token-kld,uld --data dolly "
+        "--data-dir ../shared/data --batch-size 4 --max-length 256 --steps 6",
+    )
+    bn.add_argument(
+        "--methods",
+        metavar="M1,M2",
+        help="methods to time (default: every registered method that suits the pair's tokenizers)",
+    )
+    bn.add_argument(
+        "--pair", default=DEFAULT_PAIR, metavar="TEACHER:STUDENT", help=f"default: {DEFAULT_PAIR}"
+    )
+    bn.add_argument(
+        "--steps", type=_positive_int, default=4, help="steps per method, the first untimed (default: 4)"
+    )
+    bn.add_argument("--batch-size", type=_positive_int, default=4, help="examples per step (default: 4)")
+    bn.add_argument(
+        "--max-length",
+        type=_positive_int,
+        default=256,
+        metavar="N",
+        help="max tokens per side (default: 256)",
+    )
+    bn.add_argument("--data", default="sharegpt", help="training set (default: sharegpt, offline)")
+    bn.add_argument("--data-dir", metavar="DIR", help="folder in the MiniLLM layout, e.g. ../shared/data")
+    bn.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: auto")
+    bn.add_argument("--no-progress", action="store_true", help="no progress bars")
+
     sub.add_parser(
         "list",
         help="list methods (with settings and ablations), model aliases and data sources",
@@ -926,7 +962,37 @@ def _cmd_align(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    from ctkd_bench import zoo
+    from ctkd_bench.api import get_method, method_names
+    from ctkd_bench.bench import bench
+    from ctkd_bench.runner import MethodRun, RunRequest, TrainConfig
+
+    teacher, student = zoo.parse_pair(args.pair)
+    if args.methods:
+        names = [m.strip() for m in args.methods.split(",") if m.strip()]
+        for name in names:
+            get_method(name)
+    else:
+        same = zoo.same_tokenizer(zoo.load_tokenizer(teacher), zoo.load_tokenizer(student))
+        wrong = "cross" if same else "same"
+        names = [m for m in method_names() if get_method(m).needs(get_method(m).Config()).tokenizers != wrong]
+    request = RunRequest(
+        methods=[MethodRun(m) for m in names],
+        pairs=[(teacher, student)],
+        data=args.data,
+        data_dir=args.data_dir,
+        train=TrainConfig(steps=args.steps, batch_size=args.batch_size, max_length=args.max_length),
+        device=args.device,
+        progress=not args.no_progress,
+        keep_going=True,
+    )
+    bench(request)
+    return 0
+
+
 COMMANDS = {
+    "bench": _cmd_bench,
     "run": _cmd_run,
     "ablate": _cmd_ablate,
     "eval": _cmd_eval,

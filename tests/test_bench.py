@@ -35,3 +35,14 @@ def test_bench_on_the_tiny_pair_ends_with_the_ratio_line(tiny_request):
     assert "| method | status | s/step | teacher s/step | peak MB | ratio |" in out
     assert any(line.startswith("| sft | finished |") for line in out)
     assert any(line.startswith("| token-kld | finished |") for line in out)
+
+
+def test_bench_command_prints_the_table_and_ends_with_the_ratio_line(shared_data, capsys):
+    from ctkd_bench.cli import main
+
+    argv = ["bench", "--pair", "tiny-gemma3:tiny-smollm2", "--methods", "token-kld", "--steps", "2"]
+    argv += ["--batch-size", "2", "--max-length", "96", "--data", "dolly", "--data-dir", str(shared_data)]
+    assert main([*argv, "--no-progress"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert re.fullmatch(r"max_method_ratio=\d+\.\d{4} sweep_ratio=\d+\.\d{4}", lines[-1])
+    assert any(line.startswith("| token-kld | finished |") for line in lines)
