@@ -709,6 +709,13 @@ def main_markdown(section: Section, report: Report) -> list[str]:
     lines = _md_table(header, rows)
     lines.append("")
     lines.append(_footnote(section, report))
+    margin = teacher_margin(section)
+    if margin:
+        lines.append(
+            "Teacher − SFT (what there is to distil): "
+            + ", ".join(f"{_title(c)} {v:+.2f}" for c, v in margin.items())
+            + "."
+        )
     several = [
         f"{row.label} ({max(c.runs for c in row.cells.values())})"
         for row in table.rows
@@ -724,6 +731,15 @@ def main_markdown(section: Section, report: Report) -> list[str]:
     else:
         lines.append("± is the sample standard deviation over the eval seeds.")
     return lines
+
+
+def teacher_margin(section: Section) -> dict[str, float]:
+    """Per column, the Teacher's mean minus SFT's ({} without both rows)."""
+    rows = {row.role: row for row in section.main.rows if row.role in ("teacher", "sft")}
+    if len(rows) < 2:
+        return {}
+    teacher, sft = rows["teacher"].cells, rows["sft"].cells
+    return {c: teacher[c].mean - sft[c].mean for c in section.main.columns if c in teacher and c in sft}
 
 
 def _footnote(section: Section, report: Report) -> str:
