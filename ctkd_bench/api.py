@@ -150,6 +150,9 @@ class Distiller(nn.Module):
     summary: ClassVar[str] = ""
     paper_name: ClassVar[str] = ""
     ablations: ClassVar[dict[str, dict[str, Any]]] = {}
+    # settings added after records were written, with the value those older runs had in effect: a record
+    # whose config lacks the setting is read as having that value (so it is not taken for today's default)
+    legacy_settings: ClassVar[dict[str, Any]] = {}
 
     @dataclass
     class Config:

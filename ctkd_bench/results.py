@@ -139,6 +139,7 @@ def settings_variant(method: str | None, ablation: str | None, config: dict[str,
         cls = get_method(method)
         defaults = asdict(cls.Config())
         defaults.update((cls.ablations or {}).get(ablation or "", {}))
+        config = {**(cls.legacy_settings or {}), **config}
     except Exception:
         return ""
     changed = []

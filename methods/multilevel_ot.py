@@ -200,6 +200,7 @@ class MultiLevelOT(Distiller):
     """
 
     paper_name = "MultiLevelOT"
+    legacy_settings = {"reduction": "token"}  # records before the setting averaged over the batch's pairs
     summary = (
         "top-50 mass-sorted L1 + soft CE + Sinkhorn sequence OT, positions aligned from the response start"
     )

@@ -212,3 +212,13 @@ def test_caches_get_the_usual_file_permissions(tmp_path, smol_tok, gemma_tok):
         ]
     finally:
         os.umask(mask)
+
+
+def test_an_old_record_is_not_taken_for_a_default_that_came_later():
+    """MultiLevelOT's records before `reduction` existed averaged per token: they say so in their label."""
+    from ctkd_bench import results
+
+    frame = results.load(Path(__file__).resolve().parents[1] / "results" / "issue3-acceptance")
+    labels = dict(zip(frame["method"], frame["label"]))
+    assert labels["multilevel-ot"] == "multilevel-ot [reduction=token]"
+    assert labels["uld"] == "uld"  # nothing changed for it
