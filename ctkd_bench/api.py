@@ -60,6 +60,7 @@ __all__ = [
     "VocabMap",
     "apply_overrides",
     "config_dict",
+    "config_size",
     "get_method",
     "method_names",
     "register_method",
@@ -226,6 +227,20 @@ def method_names() -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------- config
+
+
+def config_size(config: Any, name: str, method: str) -> int:
+    """An integer size of a model config (``hidden_size``, ``num_hidden_layers``), read from its text model.
+
+    Multimodal configs (Gemma-3) keep the language model's sizes in ``get_text_config()``.
+    """
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = getattr(text, name, None)
+    if value is None:
+        value = getattr(config, name, None)
+    if value is None:
+        raise ValueError(f"{method}: the model config {type(config).__name__} has no {name}")
+    return int(value)
 
 
 class SettingError(ValueError):

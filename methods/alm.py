@@ -8,7 +8,16 @@ from typing import Literal
 
 import torch
 
-from ctkd_bench.api import DistillBatch, Distiller, KDConfig, ModelOutputs, Needs, register_method, require
+from ctkd_bench.api import (
+    IGNORE_INDEX,
+    DistillBatch,
+    Distiller,
+    KDConfig,
+    ModelOutputs,
+    Needs,
+    register_method,
+    require,
+)
 
 # Teacher rows per LM-head call: 128 x 262,144 float32 logits = 128 MiB at a time, never B x L x V.
 TEACHER_ROWS_PER_CHUNK = 128
@@ -153,7 +162,7 @@ def chunk_table(
             end = side.response_end.long()
             length = side.labels.shape[1]
             at = side.labels.gather(1, end.clamp(max=length - 1).unsqueeze(1)).squeeze(1)
-            ok = ok & (end < length) & (at != -100)
+            ok = ok & (end < length) & (at != IGNORE_INDEX)
             cols.append(end)
         s_start = torch.cat([s_start, cols[0].unsqueeze(1)], 1)
         s_end = torch.cat([s_end, cols[0].unsqueeze(1) + 1], 1)

@@ -9,7 +9,16 @@ import torch
 
 from ctkd_bench.alignment.mined import dtw_align, token_edit_costs
 from ctkd_bench.alignment.vocab import token_surfaces
-from ctkd_bench.api import DistillBatch, Distiller, KDConfig, ModelOutputs, Needs, register_method, require
+from ctkd_bench.api import (
+    IGNORE_INDEX,
+    DistillBatch,
+    Distiller,
+    KDConfig,
+    ModelOutputs,
+    Needs,
+    register_method,
+    require,
+)
 
 UNMAPPED = -1  # the reference's 0 ("no partner"); here student id 0 is a valid partner
 ENTROPY_EPS = 1e-10  # the reference's calculate_weight adds it to the probabilities
@@ -321,8 +330,8 @@ class CDM(Distiller):
         taken = np.zeros(self.student_vocab, dtype=bool)
         taken[t2s[t2s >= 0]] = True
         t_hidden = teacher.hidden_states[-1]
-        s_valid = batch.student.labels[:, 1:] != -100
-        t_valid = batch.teacher.labels[:, 1:] != -100
+        s_valid = batch.student.labels[:, 1:] != IGNORE_INDEX
+        t_valid = batch.teacher.labels[:, 1:] != IGNORE_INDEX
         s_ids_all, t_ids_all = batch.student.input_ids.cpu().numpy(), batch.teacher.input_ids.cpu().numpy()
         terms = []
         for b in range(len(batch.student.labels)):

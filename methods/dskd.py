@@ -18,6 +18,7 @@ from ctkd_bench.api import (
     KDConfig,
     ModelOutputs,
     Needs,
+    config_size,
     register_method,
     require,
 )
@@ -138,15 +139,6 @@ def chunked_forward_kl(
     )
 
 
-def _config_value(config: Any, name: str) -> int:
-    value = getattr(config, name, None)
-    if value is None:  # multimodal configs keep the language model's sizes in text_config
-        value = getattr(getattr(config, "text_config", None), name, None)
-    if value is None:
-        raise ValueError(f"dskd: the model config {type(config).__name__} has no {name}")
-    return int(value)
-
-
 def _masked_std(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Unbiased std of all elements of ``values[mask]`` (``values`` ``[B, L, d]``, ``mask`` ``[B, L]``)."""
     return values[mask].std().clamp_min(STD_FLOOR)
@@ -246,8 +238,8 @@ class DualSpaceKDWithCMA(Distiller):
         super().__init__(config, context)
         if context.student_config is None or context.teacher_config is None:
             raise ValueError("dskd needs both model configs (hidden sizes) in its context")
-        d_s = _config_value(context.student_config, "hidden_size")
-        d_t = _config_value(context.teacher_config, "hidden_size")
+        d_s = config_size(context.student_config, "hidden_size", "dskd")
+        d_t = config_size(context.teacher_config, "hidden_size", "dskd")
         self.teacher_hidden_size = d_t
         self.student_embedding_scale = float(context.student_embedding_scale)
         self.teacher_embedding_scale = float(context.teacher_embedding_scale)

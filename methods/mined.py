@@ -7,7 +7,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ctkd_bench.api import DistillBatch, Distiller, KDConfig, ModelOutputs, Needs, register_method
+from ctkd_bench.api import (
+    IGNORE_INDEX,
+    DistillBatch,
+    Distiller,
+    KDConfig,
+    ModelOutputs,
+    Needs,
+    register_method,
+)
 
 
 @register_method("mined")
@@ -68,7 +76,7 @@ class MinED(Distiller):
             )
         tau = self.config.temperature
         labels = batch.student.labels[:, 1:]  # [B, L-1]: logits[:, t] predicts labels[:, t + 1]
-        targets = labels != -100
+        targets = labels != IGNORE_INDEX
         s_logp = F.log_softmax(student.logits[:, :-1].float() / tau, dim=-1)  # [B, L-1, V_S]
 
         # one-hot targets everywhere: KL(onehot || p_S) = -log p_S(gold)

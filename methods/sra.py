@@ -9,7 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ctkd_bench.api import DistillBatch, Distiller, KDConfig, ModelOutputs, Needs, register_method
+from ctkd_bench.api import (
+    DistillBatch,
+    Distiller,
+    KDConfig,
+    ModelOutputs,
+    Needs,
+    config_size,
+    register_method,
+)
 from ctkd_bench.errors import UserError
 from ctkd_bench.losses import forward_kl
 
@@ -187,15 +195,6 @@ def parse_layer_pairs(layers: tuple[str, ...] | list[str]) -> list[tuple[int, in
     return pairs
 
 
-def _config_value(config: Any, name: str) -> int:
-    value = getattr(config, name, None)
-    if value is None:  # multimodal configs keep the language model's sizes in text_config
-        value = getattr(getattr(config, "text_config", None), name, None)
-    if value is None:
-        raise ValueError(f"sra: the model config {type(config).__name__} has no {name}")
-    return int(value)
-
-
 def _resolve_layer(index: int, count: int, side: str, item: str) -> int:
     resolved = index + count + 1 if index < 0 else index
     if not 1 <= resolved <= count:
@@ -339,8 +338,8 @@ class SRA(Distiller):
         super().__init__(config, context)
         if context.student_config is None or context.teacher_config is None:
             raise ValueError("sra needs both model configs (hidden sizes and layer counts) in its context")
-        self.student_layer_count = _config_value(context.student_config, "num_hidden_layers")
-        self.teacher_layer_count = _config_value(context.teacher_config, "num_hidden_layers")
+        self.student_layer_count = config_size(context.student_config, "num_hidden_layers", "sra")
+        self.teacher_layer_count = config_size(context.teacher_config, "num_hidden_layers", "sra")
         self.layer_pairs = [
             (
                 _resolve_layer(t, self.teacher_layer_count, "teacher", f"{t}:{s}"),
@@ -353,8 +352,8 @@ class SRA(Distiller):
 
         self.projectors = nn.ParameterList()
         if config.hidden_alignment:
-            d_s = _config_value(context.student_config, "hidden_size")
-            d_t = _config_value(context.teacher_config, "hidden_size")
+            d_s = config_size(context.student_config, "hidden_size", "sra")
+            d_t = config_size(context.teacher_config, "hidden_size", "sra")
             for _ in self.layer_pairs:
                 weight = nn.Parameter(torch.empty(d_s, d_t))  # applied as c_S @ W, as in SRAv2
                 nn.init.xavier_uniform_(weight)
