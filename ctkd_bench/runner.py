@@ -117,6 +117,7 @@ class RunRequest:
     eval_every: int = 0  # evaluate on dolly dev every N steps and keep the best checkpoint (0: off)
     selection: Any = None  # an evaluation.EvalConfig for the dev selection (default: from `evaluation`)
     checkpoint_every: int = 0  # save the training state every N steps; a re-run resumes from it (0: off)
+    checkpoint_dir: Path | None = None  # where checkpoints go (default: RESULTS/.checkpoints)
     keep_going: bool = False  # record any error of one run as a failed record and go on (sweeps)
     role: str | None = None  # "teacher": the teacher SFT stage (its record is the Teacher row of a report)
 
@@ -403,9 +404,10 @@ class Checkpoint:
     the run's record is written. :attr:`student_dir` keeps a trained student until it is scored.
     """
 
-    def __init__(self, record_path: Path, every: int) -> None:
+    def __init__(self, record_path: Path, every: int, root: Path | None = None) -> None:
         self.every = every
-        self.path = record_path.parent / ".checkpoints" / (record_path.stem + ".pt")
+        folder = Path(root).expanduser() if root is not None else record_path.parent / ".checkpoints"
+        self.path = folder / (record_path.stem + ".pt")
         self.student_dir = self.path.with_suffix(".student")
 
     def due(self, step: int, last: int) -> bool:
@@ -788,10 +790,11 @@ class PlannedRun:
     path: Path
     lock: RunLock
     trained: dict[str, Any] | None = None  # a "trained" record whose student waits to be scored
+    checkpoint_root: Path | None = None  # RunRequest.checkpoint_dir
 
     @property
     def checkpoint(self) -> Checkpoint:
-        return Checkpoint(self.path, 0)
+        return Checkpoint(self.path, 0, self.checkpoint_root)
 
 
 @dataclass
@@ -877,7 +880,9 @@ def _plan(request, accelerator, pc: PairContext, resolved, data, log) -> tuple[l
             outcomes.append(RunOutcome(run_.label, path, decision))
             continue
         trained = read_record(path) if decision == "score" else None
-        planned.append(PlannedRun(run_, cls, cfg, needs, identity, digest, path, lock, trained))
+        planned.append(
+            PlannedRun(run_, cls, cfg, needs, identity, digest, path, lock, trained, request.checkpoint_dir)
+        )
     return planned, outcomes
 
 
@@ -898,19 +903,19 @@ def _claim(request, run_: MethodRun, path: Path, lock: RunLock, names: str, log)
         return "skipped"
     if lock.taken_over is not None:
         log(f"{where}: taking over the lock of {lock.taken_over.describe()}, which is gone")
-    _remove_dead_writers_files(path, log)
+    _remove_dead_writers_files(path, request.checkpoint_dir, log)
     record = read_record(path)
     if request.force or not (record and record.get("status") == "trained"):
         return "train"
-    if not Checkpoint(path, 0).student_dir.is_dir():
+    if not Checkpoint(path, 0, request.checkpoint_dir).student_dir.is_dir():
         log(f"{where}: the trained student of {path.name} is gone; training again")
         return "train"
     return "score"
 
 
-def _remove_dead_writers_files(path: Path, log) -> None:
+def _remove_dead_writers_files(path: Path, checkpoint_dir: Path | None, log) -> None:
     """Temp files of killed writers of this run's record and checkpoint (we hold the run's lock)."""
-    checkpoint = Checkpoint(path, 0)
+    checkpoint = Checkpoint(path, 0, checkpoint_dir)
     files = size = 0
     for target in (path, path.with_name(path.stem + ".samples.jsonl"), checkpoint.path):
         count, nbytes = remove_stale_temps(target)
@@ -1010,7 +1015,7 @@ def _execute(request, accelerator, pc: PairContext, p: PlannedRun, log) -> RunOu
                 method_config=p.config,
                 pair=pc,
                 request=request,
-                checkpoint=Checkpoint(p.path, request.checkpoint_every),
+                checkpoint=Checkpoint(p.path, request.checkpoint_every, request.checkpoint_dir),
                 progress=progress,
             )
         except Exception as err:
@@ -1025,7 +1030,7 @@ def _execute(request, accelerator, pc: PairContext, p: PlannedRun, log) -> RunOu
             trained = save_student(trained, student_tok, p.checkpoint.student_dir)
             record.update(status="trained", trained_at=now())
             write_atomic(p.path, record)
-            Checkpoint(p.path, request.checkpoint_every).path.unlink(missing_ok=True)
+            p.checkpoint.path.unlink(missing_ok=True)
     _score_and_finish(request, accelerator, pc, p, record, trained)
     final = record["losses"]["final"]
     log(
@@ -1104,6 +1109,7 @@ def finetune(
     force: bool = False,
     progress: bool = True,
     checkpoint_every: int = 0,
+    checkpoint_dir: Path | None = None,
     log=print,
 ) -> tuple[RunOutcome, Path]:
     """The teacher SFT stage (``ctkd-bench finetune`` and an experiment's ``teacher_sft``): one code path.
@@ -1129,6 +1135,7 @@ def finetune(
         progress=progress,
         role="teacher",
         checkpoint_every=checkpoint_every,
+        checkpoint_dir=checkpoint_dir,
     )
     [outcome] = run(request, log=log)
     folder = root / outcome.path.stem

@@ -20,6 +20,7 @@ An experiment file is YAML (``ctkd-bench run --config FILE.yaml``)::
     eval_untrained: true              # also score each pair's student before any training
     eval_every: 0
     checkpoint_every: 50
+    checkpoint_dir: ~/.cache/ctkd-bench/checkpoints/dolly-small   # default: RESULTS/.checkpoints
     device: auto
 
 Relative paths are taken from the working directory, like the command line's, and made absolute when
@@ -69,6 +70,7 @@ KEYS = {
     "save_model",
     "teacher_sft",
     "eval_untrained",
+    "checkpoint_dir",
 }
 LAUNCHERS = ("inline", "local", "slurm")
 
@@ -93,6 +95,7 @@ class Experiment:
     save_model: str | None = None
     teacher_sft: dict[str, Any] | None = None  # TrainConfig fields of the teacher SFT stage
     eval_untrained: bool = False
+    checkpoint_dir: str | None = None  # default: RESULTS/.checkpoints
 
     def jobs(self, teachers: dict[str, str] | None = None) -> list[dict[str, Any]]:
         """Every run of the experiment as a plain, picklable dict (one cluster array task each).
@@ -107,6 +110,7 @@ class Experiment:
             "eval": self.eval,
             "eval_every": self.eval_every,
             "checkpoint_every": self.checkpoint_every,
+            "checkpoint_dir": self.checkpoint_dir,
             "device": self.device,
             "save_model": self.save_model,
             "results_dir": str(self.results_dir),
@@ -275,6 +279,7 @@ def load_experiment(path: str | Path) -> Experiment:
         save_model=_absolute(raw.get("save_model")),
         teacher_sft=_teacher_sft(raw.get("teacher_sft"), source),
         eval_untrained=_flag(raw.get("eval_untrained", False), source, "eval_untrained"),
+        checkpoint_dir=_absolute(raw.get("checkpoint_dir")),
     )
     if experiment.eval_untrained and experiment.eval is None:
         raise UserError(f"{_where(source, 'eval_untrained')} needs an 'eval' section (what to score it on)")
@@ -374,6 +379,7 @@ def request_for(jobs: list[dict[str, Any]], *, force: bool = False, progress: bo
         eval_every=first["eval_every"],
         selection=selection,
         checkpoint_every=first["checkpoint_every"],
+        checkpoint_dir=Path(first["checkpoint_dir"]) if first.get("checkpoint_dir") else None,
         keep_going=True,
     )
 
@@ -408,6 +414,7 @@ def teacher_stage(
             force=force,
             progress=progress,
             checkpoint_every=experiment.checkpoint_every,
+            checkpoint_dir=Path(experiment.checkpoint_dir) if experiment.checkpoint_dir else None,
             log=log,
         )
         out[pair] = f"{folder}:{student}"

@@ -222,3 +222,30 @@ def test_an_old_record_is_not_taken_for_a_default_that_came_later():
     labels = dict(zip(frame["method"], frame["label"]))
     assert labels["multilevel-ot"] == "multilevel-ot [reduction=token]"
     assert labels["uld"] == "uld"  # nothing changed for it
+
+
+def test_checkpoints_may_live_outside_the_results_folder_and_a_rerun_resumes_from_there(
+    tiny_request, tmp_path, monkeypatch
+):
+    outside = tmp_path / "elsewhere"
+    request = tiny_request([MethodRun("sft")], checkpoint_every=1, checkpoint_dir=outside)
+    request.train.steps = 3
+    calls = {"n": 0}
+    real = runner.Trainee.forward
+
+    def killed_at_step_3(self, batch, teacher):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise Killed()
+        return real(self, batch, teacher)
+
+    monkeypatch.setattr(runner.Trainee, "forward", killed_at_step_3)
+    with pytest.raises(Killed):
+        runner.run(request, log=lambda *_: None)
+    assert [p.name.endswith(".pt") for p in outside.iterdir()] == [True]
+    assert not (request.results_dir / ".checkpoints").exists()
+    monkeypatch.setattr(runner.Trainee, "forward", real)
+    [outcome] = runner.run(request, log=lambda *_: None)
+    record = json.loads(outcome.path.read_text())
+    assert record["status"] == "finished" and record["resumed_from_step"] == 2
+    assert list(outside.iterdir()) == []
