@@ -40,7 +40,7 @@ from ctkd_bench.data.batch import DistillBatch, collate
 from ctkd_bench.data.encode import EncodedExample, PairEncoder
 from ctkd_bench.data.sources import SOURCES, examples_digest, load_examples
 from ctkd_bench.errors import UserError
-from ctkd_bench.files import RunLock, remove_stale_temps, torch_save_atomic, write_text_atomic
+from ctkd_bench.files import RunLock, remove_stale_temps, torch_save_atomic
 from ctkd_bench.losses import lm_head_logits, response_cross_entropy
 from ctkd_bench.records import (
     SCHEMA_VERSION,
@@ -1047,12 +1047,10 @@ def _score_and_finish(request, accelerator, pc: PairContext, p: PlannedRun, reco
     student_tok = pc.tokenizers[0]
     if request.evaluation is not None and accelerator.is_main_process:
         from ctkd_bench.evaluation import evaluate
+        from ctkd_bench.scoring import eval_section
 
         result = evaluate(trained, student_tok, request.evaluation, progress=request.progress)
-        record["eval"] = result.to_record()
-        samples = p.path.with_name(p.path.stem + ".samples.jsonl")
-        write_text_atomic(samples, "".join(line + "\n" for line in result.samples_jsonl()))
-        record["eval"]["samples_file"] = samples.name
+        record["eval"] = eval_section(p.path, result)
     if request.save_model is not None:
         folder = Path(request.save_model) / p.path.stem
         if accelerator.is_main_process:

@@ -24,6 +24,13 @@ from ctkd_bench.records import (
 )
 
 
+def eval_section(record_path: Path, result) -> dict[str, Any]:
+    """A record's ``eval`` section; writes the samples file beside the record (its name is in the section)."""
+    samples = record_path.with_name(record_path.stem + ".samples.jsonl")
+    write_text_atomic(samples, "".join(line + "\n" for line in result.samples_jsonl()))
+    return {**result.to_record(), "samples_file": samples.name}
+
+
 @dataclass
 class Scored:
     path: Path
@@ -80,13 +87,10 @@ def score_model(
             "config_hash": digest,
             "identity": identity,
             "model": zoo.model_info(spec),
-            "eval": result.to_record(),
+            "eval": eval_section(path, result),
             "versions": versions(),
             "started_at": started,
             "finished_at": now(),
         }
-        samples = path.with_name(path.stem + ".samples.jsonl")
-        write_text_atomic(samples, "".join(line + "\n" for line in result.samples_jsonl()))
-        record["eval"]["samples_file"] = samples.name
         write_atomic(path, record)
     return Scored(path, "finished", record, result)
