@@ -33,6 +33,8 @@ import statistics
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -204,6 +206,51 @@ def _mined_partners(
     return t2s
 
 
+@dataclass(frozen=True)
+class _PairTables:
+    """What every example's view of one tokenizer pair reads: surfaces, texts, the MinED rows, V∩."""
+
+    teacher_tokenizer: Any
+    student_tokenizer: Any
+    teacher_surfaces: list[bytes | None]
+    student_surfaces: list[bytes | None]
+    teacher_texts: list[str | None]
+    student_texts: list[str | None]
+    t2s: np.ndarray  # the MinED map's rows for the teacher tokens seen (-1 elsewhere)
+    teacher_shared: set[int]
+    student_shared: set[int]
+
+
+def _pair_tables(
+    teacher_tokenizer, student_tokenizer, seen: set[int], say, progress: bool, cache_dir
+) -> _PairTables:
+    """Surfaces and texts of both vocabularies, the MinED rows of the ``seen`` teacher tokens, V∩."""
+    from ctkd_bench.alignment import shared_vocab, token_surfaces
+
+    t_surf, s_surf = token_surfaces(teacher_tokenizer), token_surfaces(student_tokenizer)
+    t_texts = [s.decode("utf-8", errors="replace") if s is not None else None for s in t_surf]
+    s_texts = [s.decode("utf-8", errors="replace") if s is not None else None for s in s_surf]
+    say(
+        f"MinED vocabulary map: matching the {len(seen):,} teacher tokens seen here against "
+        f"{len(student_tokenizer):,} student tokens (the same rows as the full {len(teacher_tokenizer):,}-row "
+        "map, which takes about 45 s)"
+    )
+    eos = (int(teacher_tokenizer.eos_token_id), int(student_tokenizer.eos_token_id))
+    t2s = _mined_partners(t_texts, s_texts, seen, eos, progress)
+    shared = shared_vocab(student_tokenizer, teacher_tokenizer, cache_dir)
+    return _PairTables(
+        teacher_tokenizer,
+        student_tokenizer,
+        t_surf,
+        s_surf,
+        t_texts,
+        s_texts,
+        t2s,
+        set(shared.teacher_ids.tolist()),
+        set(shared.student_ids.tolist()),
+    )
+
+
 def inspect_pair(
     teacher_tokenizer,
     student_tokenizer,
@@ -216,24 +263,28 @@ def inspect_pair(
     max_prompt_tokens: int = 256,
     log: Callable[[str], None] | None = None,
     progress: bool = False,
+    cache_dir: Path | None = None,
 ) -> Inspection:
-    """Encode ``examples`` as training does; the views of the first ``show`` (all: None) and the stats."""
+    """Encode ``examples`` as training does; the views of the first ``show`` (all: None) and the stats.
+
+    ``cache_dir``: where the shared vocabulary's disk cache lives (default: the zoo's cache folder).
+    """
     import torch
     from tqdm.auto import tqdm
 
-    from ctkd_bench.alignment import MinedAligner, VocabMap, shared_vocab, token_surfaces
+    from ctkd_bench import zoo
+    from ctkd_bench.alignment import MinedAligner, VocabMap
     from ctkd_bench.data.encode import PairEncoder
 
-    def encoder(mined=None):
+    def encoder(artifacts=None):
         return PairEncoder(
             student_tokenizer,
             teacher_tokenizer,
             max_prompt_tokens=max_prompt_tokens,
             max_length=max_length,
-            mined=mined,
+            artifacts=artifacts,
         )
 
-    say = log or (lambda _msg: None)
     # first pass: which teacher tokens occur (the MinED rows to compute)
     first = encoder()
     seen: set[int] = set()
@@ -241,126 +292,141 @@ def inspect_pair(
         enc = first.encode(ex)
         if enc is not None:
             seen.update(int(i) for i in enc.teacher.input_ids)
-
-    t_surf, s_surf = token_surfaces(teacher_tokenizer), token_surfaces(student_tokenizer)
-    t_texts = [s.decode("utf-8", errors="replace") if s is not None else None for s in t_surf]
-    s_texts = [s.decode("utf-8", errors="replace") if s is not None else None for s in s_surf]
-    say(
-        f"MinED vocabulary map: matching the {len(seen):,} teacher tokens seen here against "
-        f"{len(student_tokenizer):,} student tokens (the same rows as the full {len(teacher_tokenizer):,}-row "
-        "map, which takes about 45 s)"
+    say = log or (lambda _msg: None)
+    tables = _pair_tables(
+        teacher_tokenizer, student_tokenizer, seen, say, progress, cache_dir or zoo.cache_dir()
     )
-    eos = (int(teacher_tokenizer.eos_token_id), int(student_tokenizer.eos_token_id))
-    t2s = _mined_partners(t_texts, s_texts, seen, eos, progress)
     empty = torch.zeros(0, dtype=torch.long)
-    aligner = MinedAligner(
-        student_tokenizer, teacher_tokenizer, VocabMap(torch.from_numpy(t2s), empty, empty)
-    )
-    shared = shared_vocab(student_tokenizer, teacher_tokenizer)
-    t_shared = set(shared.teacher_ids.tolist())
-    s_shared = set(shared.student_ids.tolist())
-
-    second = encoder(aligner)
+    vocab_map = VocabMap(torch.from_numpy(tables.t2s), empty, empty)
+    second = encoder({"mined": MinedAligner(student_tokenizer, teacher_tokenizer, vocab_map)})
     stats = AlignStats()
     views: list[ExampleView] = []
     for ex in tqdm(examples, desc="aligning", disable=not progress or len(examples) < 20):
         enc = second.encode(ex)
         if enc is None:
             continue
-        t, s, al = enc.teacher, enc.student, enc.alignment
-        spans = al.spans
-        t_lo, t_hi, s_lo, s_hi = t.response_start, t.response_end, s.response_start, s.response_end
-        pairs = [(int(a), int(b)) for a, b in al.token_pairs if a < s_hi and b < t_hi]  # EOS pair out
-        t_ids, s_ids = t.input_ids[t_lo:t_hi].tolist(), s.input_ids[s_lo:s_hi].tolist()
-        n_s, n_t = spans[:, 1] - spans[:, 0], spans[:, 3] - spans[:, 2]
-
-        stats.examples += 1
-        stats.spans_per_example.append(len(spans))
-        stats.teacher_tokens += t_hi - t_lo
-        stats.student_tokens += s_hi - s_lo
-        stats.one_one_spans += int(np.sum((n_s == 1) & (n_t == 1)))
-        stats.teacher_single += int(np.sum(n_t == 1))
-        stats.student_single += int(np.sum(n_s == 1))
-        stats.token_pairs += len(pairs)
-        stats.teacher_shared += sum(i in t_shared for i in t_ids)
-        stats.student_shared += sum(i in s_shared for i in s_ids)
-        stats.mined_exact += sum(
-            t_texts[i] is not None and t2s[i] >= 0 and s_texts[t2s[i]] == t_texts[i] for i in t_ids
-        )
-        stats.dtw_aligned += len(enc.mined_pairs)
-        # positions s_lo - 1 .. s_hi + EOS - 1 predict a label; without BOS nothing predicts token 0
-        stats.student_positions += s_hi - s_lo + int(s.has_eos) - int(s_lo == 0)
-
-        if show is not None and len(views) >= show:
-            continue
-        span_of_t = np.full(len(t), -1)
-        span_of_s = np.full(len(s), -1)
-        for k, (a, b, c, d) in enumerate(spans):
-            span_of_s[a:b] = k
-            span_of_t[c:d] = k
-        pair_s = {a for a, _ in pairs}
-        pairs_set = set(pairs)
-        pair_t = {b for _, b in pairs}
-        dtw_s = {int(a): int(b) for a, b in enc.mined_pairs}
-        dtw_t = {int(b): int(a) for a, b in enc.mined_pairs}
-
-        def tokens(side, surfaces, tokenizer, span_of, in_pair, ids_shared, dtw, teacher):
-            out = []
-            for i, tid in enumerate(side.input_ids.tolist()):
-                in_prompt = i < side.response_start and side.offsets[i, 1] > side.offsets[i, 0]
-                if in_prompt:
-                    continue
-                surface = surfaces[tid] if tid < len(surfaces) else None
-                label = readable(surface, tokenizer.convert_ids_to_tokens(tid))
-                mined = exact = None
-                if teacher and t2s[tid] >= 0:
-                    partner = int(t2s[tid])
-                    mined = label_text(
-                        readable(s_surf[partner], student_tokenizer.convert_ids_to_tokens(partner))
-                    )
-                    exact = t_texts[tid] is not None and s_texts[partner] == t_texts[tid]
-                out.append(
-                    Token(
-                        index=i,
-                        id=tid,
-                        label=label,
-                        special=surface is None,
-                        span=int(span_of[i]),
-                        pair=i in in_pair,
-                        shared=tid in ids_shared,
-                        mined=mined,
-                        mined_exact=bool(exact),
-                        dtw=dtw.get(i),
-                    )
-                )
-            return out
-
-        p = enc.prompt_chars
-        views.append(
-            ExampleView(
-                uid=enc.uid,
-                prompt=enc.text[:p],
-                response=enc.text[p:],
-                truncated=enc.truncated,
-                teacher=tokens(t, t_surf, teacher_tokenizer, span_of_t, pair_t, t_shared, dtw_t, True),
-                student=tokens(s, s_surf, student_tokenizer, span_of_s, pair_s, s_shared, dtw_s, False),
-                spans=[
-                    Span(
-                        index=k,
-                        text=enc.text[int(al.chars[k]) : int(al.chars[k + 1])],
-                        chars=(int(al.chars[k]) - p, int(al.chars[k + 1]) - p),
-                        teacher=(int(c), int(d)),
-                        student=(int(a), int(b)),
-                        pair=(int(a), int(c)) in pairs_set,
-                    )
-                    for k, (a, b, c, d) in enumerate(spans)
-                ],
-                prompt_tokens=(t_lo, s_lo),
-            )
-        )
+        _count(stats, enc, tables)
+        if show is None or len(views) < show:
+            views.append(_example_view(enc, tables))
     stats.skipped = dict(second.stats.skipped)
     stats.truncated = second.stats.truncated
     return Inspection(teacher_name, student_name, views, stats)
+
+
+def _response_pairs(enc) -> list[tuple[int, int]]:
+    """The example's token pairs inside the response (the EOS pair left out)."""
+    s_hi, t_hi = enc.student.response_end, enc.teacher.response_end
+    return [(int(a), int(b)) for a, b in enc.alignment.token_pairs if a < s_hi and b < t_hi]
+
+
+def _count(stats: AlignStats, enc, tables: _PairTables) -> None:
+    """Add one encoded example to the pooled statistics."""
+    t, s, spans = enc.teacher, enc.student, enc.alignment.spans
+    t_lo, t_hi, s_lo, s_hi = t.response_start, t.response_end, s.response_start, s.response_end
+    t_ids, s_ids = t.input_ids[t_lo:t_hi].tolist(), s.input_ids[s_lo:s_hi].tolist()
+    n_s, n_t = spans[:, 1] - spans[:, 0], spans[:, 3] - spans[:, 2]
+    t_texts, s_texts, t2s = tables.teacher_texts, tables.student_texts, tables.t2s
+
+    stats.examples += 1
+    stats.spans_per_example.append(len(spans))
+    stats.teacher_tokens += t_hi - t_lo
+    stats.student_tokens += s_hi - s_lo
+    stats.one_one_spans += int(np.sum((n_s == 1) & (n_t == 1)))
+    stats.teacher_single += int(np.sum(n_t == 1))
+    stats.student_single += int(np.sum(n_s == 1))
+    stats.token_pairs += len(_response_pairs(enc))
+    stats.teacher_shared += sum(i in tables.teacher_shared for i in t_ids)
+    stats.student_shared += sum(i in tables.student_shared for i in s_ids)
+    stats.mined_exact += sum(
+        t_texts[i] is not None and t2s[i] >= 0 and s_texts[t2s[i]] == t_texts[i] for i in t_ids
+    )
+    stats.dtw_aligned += len(enc.artifacts["mined"])
+    # positions s_lo - 1 .. s_hi + EOS - 1 predict a label; without BOS nothing predicts token 0
+    stats.student_positions += s_hi - s_lo + int(s.has_eos) - int(s_lo == 0)
+
+
+def _example_view(enc, tables: _PairTables) -> ExampleView:
+    """One encoded example as the align view shows it."""
+    t, s, al = enc.teacher, enc.student, enc.alignment
+    spans = al.spans
+    pairs = _response_pairs(enc)
+    span_of_t = np.full(len(t), -1)
+    span_of_s = np.full(len(s), -1)
+    for k, (a, b, c, d) in enumerate(spans):
+        span_of_s[a:b] = k
+        span_of_t[c:d] = k
+    pairs_set = set(pairs)
+    mined = enc.artifacts["mined"]
+    dtw_s = {int(a): int(b) for a, b in mined}
+    dtw_t = {int(b): int(a) for a, b in mined}
+    p = enc.prompt_chars
+    return ExampleView(
+        uid=enc.uid,
+        prompt=enc.text[:p],
+        response=enc.text[p:],
+        truncated=enc.truncated,
+        teacher=_side_tokens(t, tables, span_of_t, {b for _, b in pairs}, dtw_t, teacher=True),
+        student=_side_tokens(s, tables, span_of_s, {a for a, _ in pairs}, dtw_s, teacher=False),
+        spans=[
+            Span(
+                index=k,
+                text=enc.text[int(al.chars[k]) : int(al.chars[k + 1])],
+                chars=(int(al.chars[k]) - p, int(al.chars[k + 1]) - p),
+                teacher=(int(c), int(d)),
+                student=(int(a), int(b)),
+                pair=(int(a), int(c)) in pairs_set,
+            )
+            for k, (a, b, c, d) in enumerate(spans)
+        ],
+        prompt_tokens=(t.response_start, s.response_start),
+    )
+
+
+def _side_tokens(
+    side, tables: _PairTables, span_of: np.ndarray, in_pair: set[int], dtw: dict[int, int], teacher: bool
+) -> list[Token]:
+    """One side's tokens outside the prompt (prefix specials, response, EOS) with their labels."""
+    if teacher:
+        surfaces, tokenizer, ids_shared = (
+            tables.teacher_surfaces,
+            tables.teacher_tokenizer,
+            tables.teacher_shared,
+        )
+    else:
+        surfaces, tokenizer, ids_shared = (
+            tables.student_surfaces,
+            tables.student_tokenizer,
+            tables.student_shared,
+        )
+    t2s, t_texts, s_texts = tables.t2s, tables.teacher_texts, tables.student_texts
+    out = []
+    for i, tid in enumerate(side.input_ids.tolist()):
+        in_prompt = i < side.response_start and side.offsets[i, 1] > side.offsets[i, 0]
+        if in_prompt:
+            continue
+        surface = surfaces[tid] if tid < len(surfaces) else None
+        label = readable(surface, tokenizer.convert_ids_to_tokens(tid))
+        mined = exact = None
+        if teacher and t2s[tid] >= 0:
+            partner = int(t2s[tid])
+            partner_name = tables.student_tokenizer.convert_ids_to_tokens(partner)
+            mined = label_text(readable(tables.student_surfaces[partner], partner_name))
+            exact = t_texts[tid] is not None and s_texts[partner] == t_texts[tid]
+        out.append(
+            Token(
+                index=i,
+                id=tid,
+                label=label,
+                special=surface is None,
+                span=int(span_of[i]),
+                pair=i in in_pair,
+                shared=tid in ids_shared,
+                mined=mined,
+                mined_exact=bool(exact),
+                dtw=dtw.get(i),
+            )
+        )
+    return out
 
 
 # ------------------------------------------------------------------------------------------ terminal

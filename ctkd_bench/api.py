@@ -7,24 +7,24 @@ A method is a :class:`Distiller` subclass registered by name::
         '''Paper, arXiv id, reference file, deviations.'''
 
         @dataclass
-        class Config:
-            kd_rate: float = 0.5
-            temperature: float = 2.0
+        class Config(KDConfig):  # kd_rate = 0.5, temperature = 2.0
+            pass
 
         @classmethod
         def needs(cls, config) -> Needs:
-            return Needs(teacher_hidden_states=True, alignment=frozenset({"token_pairs", "shared_vocab"}))
-
-        def loss_weights(self) -> dict[str, float]:
-            return {"ce": 1 - self.config.kd_rate, "kd": self.config.kd_rate}
+            return Needs(teacher_hidden_states=True, alignment={"token_pairs", "shared_vocab"})
 
         def forward(self, batch, student, teacher) -> dict[str, torch.Tensor]:
             return {"kd": ...}
 
 The runner computes only what :meth:`Distiller.needs` declares, adds the student's response
-cross-entropy as the term ``"ce"``, and optimizes ``sum(weight * term)`` over :meth:`loss_weights`;
-every term is logged. Third-party methods register through the entry-point group
-``ctkd_bench.methods`` (``name = "package.module:Class"``).
+cross-entropy as the term ``"ce"``, and optimizes ``sum(weight * term)`` over :meth:`loss_weights`
+(for a :class:`KDConfig` method ``(1 - kd_rate)·CE + kd_rate·KD`` unless it overrides it); every term
+is logged. Third-party methods register through the entry-point group
+``ctkd_bench.methods`` (``name = "package.module:Class"``). A method that needs an alignment artifact
+the harness does not have registers one with :func:`register_alignment` (how it is built per tokenizer
+pair, per example and per batch: :mod:`ctkd_bench.alignment.registry`) and names it in
+``Needs.alignment``; its forward reads it with ``batch.artifact(name)``.
 """
 
 from __future__ import annotations
@@ -42,12 +42,15 @@ from torch import nn
 
 from ctkd_bench.alignment import SharedVocab
 from ctkd_bench.alignment.mined import VocabMap
-from ctkd_bench.data.batch import IGNORE_INDEX, DistillBatch, SideBatch
+from ctkd_bench.alignment.registry import ALIGNMENTS, AlignmentArtifact, TokenizerPair, register_alignment
+from ctkd_bench.constants import IGNORE_INDEX
+from ctkd_bench.data.batch import DistillBatch, SideBatch
 from ctkd_bench.errors import UserError
 from ctkd_bench.registry import Registry
 
 __all__ = [
     "IGNORE_INDEX",
+    "AlignmentArtifact",
     "DistillBatch",
     "Distiller",
     "KDConfig",
@@ -57,17 +60,17 @@ __all__ = [
     "SettingError",
     "SharedVocab",
     "SideBatch",
+    "TokenizerPair",
     "VocabMap",
     "apply_overrides",
     "config_dict",
     "config_size",
     "get_method",
     "method_names",
+    "register_alignment",
     "register_method",
     "require",
 ]
-
-ALIGNMENT_ARTIFACTS = frozenset({"spans", "token_pairs", "shared_vocab", "mined"})
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,9 @@ class Needs:
 
     ``tokenizers``: ``"any"``; ``"cross"`` (a cross-tokenizer method: refuses a pair whose two
     tokenizers are identical, since a same-vocabulary method is the right tool there); ``"same"``
-    (needs one shared tokenizer, e.g. plain KD over the full vocabulary).
+    (needs one shared tokenizer, e.g. plain KD over the full vocabulary). ``alignment``: the names of
+    the alignment artifacts to build (any iterable; kept as a frozenset), each registered in
+    :data:`ctkd_bench.alignment.registry.ALIGNMENTS`.
     """
 
     teacher: bool = True
@@ -89,11 +94,10 @@ class Needs:
     tokenizers: str = "any"
 
     def __post_init__(self) -> None:
-        unknown = set(self.alignment) - ALIGNMENT_ARTIFACTS
+        object.__setattr__(self, "alignment", frozenset(self.alignment))
+        unknown = sorted(name for name in self.alignment if name not in ALIGNMENTS)
         if unknown:
-            raise ValueError(
-                f"unknown alignment artifacts {sorted(unknown)}; known: {sorted(ALIGNMENT_ARTIFACTS)}"
-            )
+            raise ValueError(f"unknown alignment artifacts {unknown}; known: {ALIGNMENTS.names()}")
         if self.tokenizers not in ("any", "cross", "same"):
             raise ValueError(f"Needs.tokenizers must be 'any', 'cross' or 'same', not {self.tokenizers!r}")
 
@@ -171,8 +175,18 @@ class Distiller(nn.Module):
         return Needs()
 
     def loss_weights(self) -> dict[str, float]:
-        """Weight of each loss term in the optimized sum; ``"ce"`` is the runner's cross-entropy."""
-        return {"ce": 1.0}
+        """Weight of each loss term in the optimized sum; ``"ce"`` is the runner's cross-entropy.
+
+        Default: a :class:`KDConfig` method weighs its term ``"kd"`` by ``kd_rate``, as
+        ``(1 - kd_rate)·CE + kd_rate·KD`` (or ``CE + kd_rate·KD`` when its config allows ``kd_rate``
+        above 1, ``max_kd_rate``); any other method trains on CE alone.
+        """
+        config = self.config
+        if not isinstance(config, KDConfig):
+            return {"ce": 1.0}
+        if config.max_kd_rate > 1.0:
+            return {"ce": 1.0, "kd": config.kd_rate}
+        return {"ce": 1.0 - config.kd_rate, "kd": config.kd_rate}
 
     def optimizer_groups(self, student_lr: float) -> list[dict[str, Any]]:
         """Parameter groups for the method's own trainable parameters (projectors), with their lr."""

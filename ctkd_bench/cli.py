@@ -1,13 +1,19 @@
 """``ctkd-bench``: train, compare and list cross-tokenizer knowledge-distillation methods.
 
-Every user mistake ends in one line on stderr and exit code 2, never a traceback.
+Every user mistake ends in one line on stderr and exit code 2, never a traceback. The commands are
+click commands; the training flags are the fields of ``runner.TrainConfig``, with its defaults.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import sys
+from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
+
+import click
+from click.core import ParameterSource
 
 from ctkd_bench.errors import UserError
 
@@ -18,217 +24,396 @@ Benchmark harness for cross-tokenizer knowledge distillation (CTKD): a teacher L
 student whose tokenizers differ. Train one student per method on the same data and batches, and get
 one comparable run record per (method, pair, data, seed).
 
+\b
 examples:
   ctkd-bench list
   ctkd-bench run --methods sft,token-kld --pair gemma3-270m:smollm2-135m --steps 20
   ctkd-bench run --methods token-kld --pair gemma3-270m:smollm2-135m --data dolly --data-dir ../shared/data
   ctkd-bench ablate sra --steps 5
   ctkd-bench finetune --model gemma3-270m --data dolly --data-dir ../shared/data --out teachers/gemma-sft
+
+\b
+shell completion of commands, flags and choices: in ~/.bashrc (zsh: zsh_source, in ~/.zshrc)
+  eval "$(_CTKD_BENCH_COMPLETE=bash_source ctkd-bench)"
+or for fish: _CTKD_BENCH_COMPLETE=fish_source ctkd-bench | source
 """
 
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage mistake is one line (and exit 2) like every other user error."""
-
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+DEVICES = click.Choice(["auto", "cpu", "cuda"])
+PATH = click.Path(path_type=Path)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+# ------------------------------------------------------------------------------------- value types
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+class _Worded:
+    """click's IntRange/FloatRange, with errors that say what was expected: "expected a positive
+    integer, got 'x'" for what is not a number, "must be a positive integer, got 0" out of range."""
+
+    number: click.ParamType
+
+    def __init__(self, noun: str, rule: str, **bounds) -> None:
+        super().__init__(**bounds)
+        self.noun, self.rule = noun, rule
+
+    def convert(self, value, param, ctx):
+        try:
+            number = self.number.convert(value, param, ctx)
+        except click.BadParameter:
+            self.fail(f"expected {self.noun}, got {value!r}", param, ctx)
+        if number != number:  # NaN is in no range
+            self.fail(f"{self.rule}, got {number}", param, ctx)
+        try:
+            return super().convert(number, param, ctx)
+        except click.BadParameter:
+            self.fail(f"{self.rule}, got {number}", param, ctx)
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
+class _IntRange(_Worded, click.IntRange):
+    number = click.INT
 
 
-def _add_data_args(p: argparse.ArgumentParser, default_data: str) -> None:
-    g = p.add_argument_group("data")
-    g.add_argument(
-        "--data",
-        default=default_data,
-        help=f"training set: sharegpt (offline, from its PyPI package), dolly, or a .jsonl file / "
-        f"folder (default: {default_data}); see `ctkd-bench list`",
-    )
-    g.add_argument(
-        "--data-dir",
-        metavar="DIR",
-        help="folder in the MiniLLM layout (dolly/train.jsonl, ...), e.g. ../shared/data; without "
-        "it, dolly and the other literature sets come from the Hugging Face hub",
-    )
-    g.add_argument(
-        "--max-length",
-        type=_positive_int,
-        default=512,
-        metavar="N",
-        help="max tokens of prompt + response on each side (default: 512)",
-    )
-    g.add_argument(
-        "--max-prompt-length",
-        type=_positive_int,
-        default=256,
-        metavar="N",
-        help="examples whose prompt is longer (on either side) are skipped and counted (default: 256)",
-    )
+class _FloatRange(_Worded, click.FloatRange):
+    number = click.FLOAT
 
 
-def _add_train_args(p: argparse.ArgumentParser, default_lr: float) -> None:
-    g = p.add_argument_group("training (defaults: the DSKD Dolly protocol)")
-    g.add_argument("--steps", type=_positive_int, default=100, help="optimizer steps (default: 100)")
-    g.add_argument(
-        "--batch-size", type=_positive_int, default=4, help="examples per micro-batch per device (default: 4)"
-    )
-    g.add_argument(
-        "--grad-accum",
-        type=_positive_int,
-        default=1,
-        metavar="N",
-        help="micro-batches per optimizer step (default: 1)",
-    )
-    g.add_argument(
-        "--lr",
-        type=_positive_float,
-        default=default_lr,
-        help=f"student learning rate (default: {default_lr})",
-    )
-    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default: 0.01)")
-    g.add_argument(
-        "--warmup-ratio",
-        type=float,
-        default=0.0,
-        help="fraction of steps of linear warmup before the cosine decay (default: 0, as DSKD)",
-    )
-    g.add_argument(
-        "--max-grad-norm", type=_positive_float, default=1.0, help="gradient clipping (default: 1.0)"
-    )
-    g.add_argument("--seed", type=int, default=10, help="seed of data order and initialization (default: 10)")
-    g.add_argument(
-        "--lora",
-        type=_non_negative_int,
-        default=0,
-        metavar="R",
-        help="train the student through LoRA adapters of rank R (the protocol uses 256 for 1B+ "
-        "students); 0 = full fine-tuning (default)",
-    )
-    g.add_argument("--lora-alpha", type=float, default=8.0, help="LoRA alpha (default: 8, as DSKD)")
-    g.add_argument("--lora-dropout", type=float, default=0.1, help="LoRA dropout (default: 0.1, as DSKD)")
-    g.add_argument(
-        "--device",
-        default="auto",
-        choices=["auto", "cpu", "cuda"],
-        help="auto: CUDA (bf16 autocast) when available, else CPU; several GPUs: "
-        "`accelerate launch -m ctkd_bench run ...`",
-    )
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+POSITIVE_INT = _IntRange("a positive integer", "must be a positive integer", min=1)
+NON_NEGATIVE_INT = _IntRange("an integer >= 0", "must be >= 0", min=0)
+POSITIVE_FLOAT = _FloatRange("a number", "must be positive", min=0, min_open=True)
 
 
-def _add_run_args(p: argparse.ArgumentParser) -> None:
-    """Flags shared by `run` and `ablate`: pairs, method settings, data, training, output."""
-    p.add_argument(
-        "--pair",
-        action="append",
-        metavar="TEACHER:STUDENT",
-        help="teacher and student: aliases (gemma3-270m, smollm2-135m, llama2-7b, gpt2, ...), local folders "
-        f"or hub ids; repeat for several pairs (default: {DEFAULT_PAIR}, which works offline)",
-    )
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="METHOD.KEY=VALUE",
-        help="override a method setting, e.g. token-kld.temperature=1 (repeatable)",
-    )
-    _add_data_args(p, "sharegpt")
-    _add_train_args(p, 5e-4)
-    out = p.add_argument_group("output")
-    out.add_argument(
-        "--results-dir",
-        type=Path,
-        default=Path("results"),
-        metavar="DIR",
-        help="where run records go (default: results/)",
-    )
-    out.add_argument(
-        "--save-model",
-        type=Path,
-        metavar="DIR",
-        help="also keep each trained student as a Hugging Face folder DIR/<record name>/",
-    )
-    out.add_argument("--force", action="store_true", help="redo runs whose finished record exists")
-    out.add_argument(
-        "--checkpoint-every",
-        type=_non_negative_int,
-        default=0,
-        metavar="N",
-        help="save the training state every N steps (under RESULTS/.checkpoints/); a re-run resumes a "
-        "killed run from it (default: 0, off)",
-    )
-    ev = p.add_argument_group("evaluation of the trained students")
-    ev.add_argument(
-        "--eval-tasks",
-        metavar="T1,T2",
-        help="score every trained student on these tasks: ctkd-instruct (dolly, selfinst, vicuna, sinst, "
-        "dialogsum), single sets of it, or lm-eval task names (need the hub); default: no evaluation",
-    )
-    ev.add_argument(
-        "--eval-every",
-        type=_non_negative_int,
-        default=0,
-        metavar="N",
-        help="evaluate on dolly dev every N steps and keep the best checkpoint (never selects on a test set)",
-    )
-    _add_eval_args(ev)
+# ------------------------------------------------------------------------- parameters and commands
 
 
-def _add_eval_args(g) -> None:
-    g.add_argument(
-        "--eval-limit", type=_positive_int, metavar="N", help="score only the first N examples of each set"
-    )
-    g.add_argument(
-        "--eval-seeds",
-        default="10,20,30,40,50",
-        metavar="S1,S2",
-        help="sampling seeds; mean and std over them (default: 10,20,30,40,50, the protocol)",
-    )
-    g.add_argument(
-        "--greedy", action="store_true", help="greedy decoding, one pass (quick and deterministic)"
-    )
-    g.add_argument(
-        "--eval-batch-size",
-        type=_positive_int,
-        default=16,
-        metavar="N",
-        help="generation batch size (default: 16, the fastest of 8/16/32 measured on a 2-core CPU)",
-    )
-    g.add_argument(
-        "--eval-max-new-tokens",
-        type=_positive_int,
-        default=256,
-        metavar="N",
-        help="generation budget per answer (default: 256, the protocol; lower it for quick CPU checks)",
-    )
+class _Option(click.Option):
+    """An option listed in --help under the heading ``group``."""
+
+    def __init__(self, *decls: str, group: str = "options", **attrs) -> None:
+        super().__init__(list(decls), **attrs)
+        self.group = group
+
+
+def _train_default(field: str):
+    from ctkd_bench.runner import TrainConfig  # imports torch: only when a training command needs it
+
+    return TrainConfig.__dataclass_fields__[field].default
+
+
+class _TrainOption(_Option):
+    """A flag whose value is the field ``field`` of ``runner.TrainConfig`` and whose default (unless
+    given) is that dataclass field's default, looked up when needed; ``{default}`` in the help shows it."""
+
+    def __init__(self, flag: str, field: str, **attrs) -> None:
+        if attrs.get("default") is None:
+            attrs["default"] = partial(_train_default, field)
+        super().__init__(flag, field, **attrs)
+
+    def get_help_record(self, ctx):
+        record = super().get_help_record(ctx)
+        if record is None:
+            return None
+        return record[0], record[1].replace("{default}", f"{self.get_default(ctx):g}")
+
+
+class _Argument(click.Argument):
+    """A positional argument with a help text, listed in --help."""
+
+    def __init__(self, name: str, *, help: str, **attrs) -> None:
+        super().__init__([name], **attrs)
+        self.help = help
+
+    def get_help_record(self, ctx):
+        return self.human_readable_name, self.help
+
+
+class _Command(click.Command):
+    """A command whose --help lists the arguments, then the options under their headings."""
+
+    def parse_args(self, ctx, args):
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as err:  # some parser errors know no command; the message names it
+            err.ctx = err.ctx or ctx
+            raise
+
+    def format_arguments(self, ctx, formatter) -> None:
+        """Nothing: `format_options` lists the arguments (click < 8.3 has no arguments section)."""
+
+    def format_options(self, ctx, formatter) -> None:
+        sections: dict[str, list[tuple[str, str]]] = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is not None:
+                heading = "arguments" if isinstance(param, click.Argument) else getattr(param, "group", "")
+                sections.setdefault(heading or "options", []).append(record)
+        for heading in sorted(sections, key=lambda h: h != "arguments"):
+            with formatter.section(heading):
+                formatter.write_dl(sections[heading])
+
+
+def _examples(*lines: str) -> str:
+    return "\b\n" + ("examples:" if len(lines) > 1 else "example:") + "".join(f"\n  {x}" for x in lines)
+
+
+def _command(name: str, handler, short_help: str, help: str, epilog: str, params: list) -> click.Command:
+    def callback(**values):
+        return handler(SimpleNamespace(**values))
+
+    return _Command(name, callback=callback, params=params, short_help=short_help, help=help, epilog=epilog)
+
+
+def _given() -> dict[str, str]:
+    """The parameters of the running command that the command line (or the environment) set: name -> flag."""
+    ctx = click.get_current_context()
+    given = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    return {
+        p.name: (p.opts or [p.human_readable_name])[0]
+        for p in ctx.command.params
+        if ctx.get_parameter_source(p.name) in given
+    }
+
+
+# --------------------------------------------------------------------------------- shared options
+
+_DATA = "data"
+_TRAINING = "training (defaults: the DSKD Dolly protocol)"
+
+
+def _data_options(default_data: str) -> list[click.Parameter]:
+    return [
+        _Option(
+            "--data",
+            default=default_data,
+            metavar="NAME",
+            group=_DATA,
+            help=f"training set: sharegpt (offline, from its PyPI package), dolly, or a .jsonl file / "
+            f"folder (default: {default_data}); see `ctkd-bench list`",
+        ),
+        _Option(
+            "--data-dir",
+            metavar="DIR",
+            group=_DATA,
+            help="folder in the MiniLLM layout (dolly/train.jsonl, ...), e.g. ../shared/data; without "
+            "it, dolly and the other literature sets come from the Hugging Face hub",
+        ),
+        *_length_options(
+            _DATA,
+            "max tokens of prompt + response on each side (default: {default})",
+            "examples whose prompt is longer (on either side) are skipped and counted (default: {default})",
+        ),
+    ]
+
+
+def _length_options(group: str, length_help: str, prompt_help: str) -> list[click.Parameter]:
+    return [
+        _TrainOption(
+            "--max-length", "max_length", type=POSITIVE_INT, metavar="N", group=group, help=length_help
+        ),
+        _TrainOption(
+            "--max-prompt-length",
+            "max_prompt_tokens",
+            type=POSITIVE_INT,
+            metavar="N",
+            group=group,
+            help=prompt_help,
+        ),
+    ]
+
+
+def _train_options(lr: float | None = None) -> list[click.Parameter]:
+    """The TrainConfig fields but the lengths (those are `data` flags); ``lr`` replaces its default."""
+
+    def train(field: str, type, metavar: str, help: str, **attrs) -> click.Parameter:
+        flag = "--" + field.replace("_", "-")
+        return _TrainOption(flag, field, type=type, metavar=metavar, group=_TRAINING, help=help, **attrs)
+
+    return [
+        train("steps", POSITIVE_INT, "N", "optimizer steps (default: {default})"),
+        train("batch_size", POSITIVE_INT, "N", "examples per micro-batch per device (default: {default})"),
+        train("grad_accum", POSITIVE_INT, "N", "micro-batches per optimizer step (default: {default})"),
+        train("lr", POSITIVE_FLOAT, "LR", "student learning rate (default: {default})", default=lr),
+        train("weight_decay", float, "W", "AdamW weight decay (default: {default})"),
+        train(
+            "warmup_ratio",
+            float,
+            "FRACTION",
+            "fraction of steps of linear warmup before the cosine decay (default: {default}, as DSKD)",
+        ),
+        train("max_grad_norm", POSITIVE_FLOAT, "NORM", "gradient clipping (default: {default})"),
+        train("seed", int, "SEED", "seed of data order and initialization (default: {default})"),
+        train(
+            "lora",
+            NON_NEGATIVE_INT,
+            "R",
+            "train the student through LoRA adapters of rank R (the protocol uses 256 for 1B+ "
+            "students); 0 = full fine-tuning (default: {default})",
+        ),
+        train("lora_alpha", float, "ALPHA", "LoRA alpha (default: {default}, as DSKD)"),
+        train("lora_dropout", float, "P", "LoRA dropout (default: {default}, as DSKD)"),
+        _device_option(
+            _TRAINING,
+            "auto: CUDA (bf16 autocast) when available, else CPU; several GPUs: "
+            "`accelerate launch -m ctkd_bench run ...`",
+        ),
+        _no_progress_option(_TRAINING),
+    ]
+
+
+def _device_option(group: str = "options", help: str = "default: auto") -> click.Parameter:
+    return _Option("--device", default="auto", type=DEVICES, group=group, help=help)
+
+
+def _no_progress_option(group: str = "options") -> click.Parameter:
+    return _Option("--no-progress", is_flag=True, group=group, help="no progress bars")
+
+
+def _results_dir_option(help: str, group: str = "options") -> click.Parameter:
+    return _Option("--results-dir", type=PATH, default=Path("results"), metavar="DIR", group=group, help=help)
+
+
+def _run_options() -> list[click.Parameter]:
+    """Flags shared by `run` and `ablate`: pairs, method settings, data, training, output, evaluation."""
+    output, evaluation = "output", "evaluation of the trained students"
+    return [
+        _Option(
+            "--pair",
+            multiple=True,
+            metavar="TEACHER:STUDENT",
+            help="teacher and student: aliases (gemma3-270m, smollm2-135m, llama2-7b, gpt2, ...), local "
+            f"folders or hub ids; repeat for several pairs (default: {DEFAULT_PAIR}, which works offline)",
+        ),
+        _Option(
+            "--set",
+            multiple=True,
+            metavar="METHOD.KEY=VALUE",
+            help="override a method setting, e.g. token-kld.temperature=1 (repeatable)",
+        ),
+        *_data_options("sharegpt"),
+        *_train_options(),
+        _results_dir_option("where run records go (default: results/)", output),
+        _Option(
+            "--save-model",
+            type=PATH,
+            metavar="DIR",
+            group=output,
+            help="also keep each trained student as a Hugging Face folder DIR/<record name>/",
+        ),
+        _Option("--force", is_flag=True, group=output, help="redo runs whose finished record exists"),
+        _Option(
+            "--checkpoint-every",
+            type=NON_NEGATIVE_INT,
+            default=0,
+            metavar="N",
+            group=output,
+            help="save the training state every N steps (under RESULTS/.checkpoints/); a re-run resumes "
+            "a killed run from it (default: 0, off)",
+        ),
+        _Option(
+            "--eval-tasks",
+            metavar="T1,T2",
+            group=evaluation,
+            help="score every trained student on these tasks: ctkd-instruct (dolly, selfinst, vicuna, "
+            "sinst, dialogsum), single sets of it, or lm-eval task names (need the hub); default: no "
+            "evaluation",
+        ),
+        _Option(
+            "--eval-every",
+            type=NON_NEGATIVE_INT,
+            default=0,
+            metavar="N",
+            group=evaluation,
+            help="evaluate on dolly dev every N steps and keep the best checkpoint (never selects on a "
+            "test set)",
+        ),
+        *_eval_options(evaluation),
+    ]
+
+
+def _eval_options(group: str = "options") -> list[click.Parameter]:
+    return [
+        _Option(
+            "--eval-limit",
+            type=POSITIVE_INT,
+            metavar="N",
+            group=group,
+            help="score only the first N examples of each set",
+        ),
+        _Option(
+            "--eval-seeds",
+            default="10,20,30,40,50",
+            metavar="S1,S2",
+            group=group,
+            help="sampling seeds; mean and std over them (default: 10,20,30,40,50, the protocol)",
+        ),
+        _Option(
+            "--greedy",
+            is_flag=True,
+            group=group,
+            help="greedy decoding, one pass (quick and deterministic)",
+        ),
+        _Option(
+            "--eval-batch-size",
+            type=POSITIVE_INT,
+            default=16,
+            metavar="N",
+            group=group,
+            help="generation batch size (default: 16, the fastest of 8/16/32 measured on a 2-core CPU)",
+        ),
+        _Option(
+            "--eval-max-new-tokens",
+            type=POSITIVE_INT,
+            default=256,
+            metavar="N",
+            group=group,
+            help="generation budget per answer (default: 256, the protocol; lower it for quick CPU checks)",
+        ),
+    ]
+
+
+def _sweep_options() -> list[click.Parameter]:
+    """`run`'s flags for experiment files and their launchers."""
+    group = "experiment files and launchers"
+
+    def slurm(flag: str, type, default, metavar: str, help: str) -> click.Parameter:
+        return _Option(flag, type=type, default=default, metavar=metavar, group=group, help=help)
+
+    return [
+        _Option(
+            "--config",
+            type=PATH,
+            metavar="FILE.yaml",
+            group=group,
+            help="run an experiment file (pairs x methods x seeds x eval settings; see the README) instead "
+            "of --methods/--pair/... flags; a re-run skips finished records and resumes checkpointed runs",
+        ),
+        _Option(
+            "--launcher",
+            type=click.Choice(["inline", "local", "slurm"]),
+            default="inline",
+            group=group,
+            help="with --config: inline runs here (default); local runs one subprocess per run through "
+            "submitit; slurm submits one job array (one task per run) through submitit",
+        ),
+        _Option(
+            "--wait",
+            is_flag=True,
+            group=group,
+            help="local/slurm: wait for the jobs and print their statuses",
+        ),
+        _Option(
+            "--force-teacher",
+            is_flag=True,
+            group=group,
+            help="with --config: fine-tune the teacher again (teacher_sft) although it is cached; --force "
+            "alone redoes the students only",
+        ),
+        slurm("--slurm-partition", str, None, "NAME", "SLURM partition"),
+        slurm("--slurm-account", str, None, "NAME", "SLURM account"),
+        slurm("--slurm-time", POSITIVE_INT, 24 * 60, "MIN", "time limit per run (default: 1440)"),
+        slurm("--slurm-gpus", NON_NEGATIVE_INT, 1, "N", "GPUs per run (default: 1)"),
+        slurm("--slurm-cpus", POSITIVE_INT, 8, "N", "CPUs per run (default: 8)"),
+        slurm("--slurm-mem", POSITIVE_INT, 64, "GB", "memory per run in GB (default: 64)"),
+        slurm("--slurm-parallel", POSITIVE_INT, None, "N", "at most N array tasks at once (default: all)"),
+    ]
 
 
 def _eval_config(args, tasks: str | None):
@@ -256,305 +441,350 @@ def _eval_config(args, tasks: str | None):
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ctkd-bench", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+# -------------------------------------------------------------------------------------- commands
 
-    run = sub.add_parser(
+
+def _run_command() -> click.Command:
+    return _command(
         "run",
-        help="train one student per method and pair; write one run record each",
-        description="Train one student per (method, pair) on the same batches in the same order and write a "
-        "run record (JSON, atomically) per run under --results-dir. The teacher of a pair is "
-        "loaded once. A re-run with the same settings skips finished records (--force redoes them).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  ctkd-bench run --methods sft,token-kld --pair gemma3-270m:smollm2-135m --steps 20\n"
-        "  ctkd-bench run --methods token-kld --pair llama2-7b:gpt2 --pair qwen1.5-1.8b:gpt2 --lora 256\n"
-        "  ctkd-bench run --methods token-kld --set token-kld.temperature=1 --pair gemma3-270m:smollm2-135m",
-    )
-    run.add_argument(
-        "--methods",
-        metavar="M1,M2",
-        help="comma-separated method names (see `ctkd-bench list`); or give --config",
-    )
-    _add_run_args(run)
-    sweep = run.add_argument_group("experiment files and launchers")
-    sweep.add_argument(
-        "--config",
-        type=Path,
-        metavar="FILE.yaml",
-        help="run an experiment file (pairs x methods x seeds x eval settings; see the README) instead of "
-        "--methods/--pair/... flags; a re-run skips finished records and resumes checkpointed runs",
-    )
-    sweep.add_argument(
-        "--launcher",
-        choices=["inline", "local", "slurm"],
-        default="inline",
-        help="with --config: inline runs here (default); local runs one subprocess per run through "
-        "submitit; slurm submits one job array (one task per run) through submitit",
-    )
-    sweep.add_argument(
-        "--wait", action="store_true", help="local/slurm: wait for the jobs and print their statuses"
-    )
-    sweep.add_argument(
-        "--force-teacher",
-        action="store_true",
-        help="with --config: fine-tune the teacher again (teacher_sft) although it is cached; --force alone "
-        "redoes the students only",
-    )
-    sweep.add_argument("--slurm-partition", metavar="NAME", help="SLURM partition")
-    sweep.add_argument("--slurm-account", metavar="NAME", help="SLURM account")
-    sweep.add_argument(
-        "--slurm-time",
-        type=_positive_int,
-        default=24 * 60,
-        metavar="MIN",
-        help="time limit per run (default: 1440)",
-    )
-    sweep.add_argument(
-        "--slurm-gpus", type=_non_negative_int, default=1, metavar="N", help="GPUs per run (default: 1)"
-    )
-    sweep.add_argument(
-        "--slurm-cpus", type=_positive_int, default=8, metavar="N", help="CPUs per run (default: 8)"
-    )
-    sweep.add_argument(
-        "--slurm-mem", type=_positive_int, default=64, metavar="GB", help="memory per run in GB (default: 64)"
-    )
-    sweep.add_argument(
-        "--slurm-parallel",
-        type=_positive_int,
-        metavar="N",
-        help="at most N array tasks at once (default: all)",
+        _cmd_run,
+        "train one student per method and pair; write one run record each",
+        "Train one student per (method, pair) on the same batches in the same order and write a run "
+        "record (JSON, atomically) per run under --results-dir. The teacher of a pair is loaded once. A "
+        "re-run with the same settings skips finished records (--force redoes them).",
+        _examples(
+            "ctkd-bench run --methods sft,token-kld --pair gemma3-270m:smollm2-135m --steps 20",
+            "ctkd-bench run --methods token-kld --pair llama2-7b:gpt2 --pair qwen1.5-1.8b:gpt2 --lora 256",
+            "ctkd-bench run --methods token-kld --set token-kld.temperature=1 --pair gemma3-270m:smollm2-135m",
+        ),
+        [
+            _Option(
+                "--methods",
+                metavar="M1,M2",
+                help="comma-separated method names (see `ctkd-bench list`); or give --config",
+            ),
+            *_run_options(),
+            *_sweep_options(),
+        ],
     )
 
-    ablate = sub.add_parser(
+
+def _ablate_command() -> click.Command:
+    return _command(
         "ablate",
-        help="run a method's declared ablations on the same pair, data, seed and steps; print the table",
-        description="Run every ablation that METHOD declares (see `ctkd-bench list`), each as its own run with "
-        "its own record (the ablation name is part of it), on the same pair, data, batches, seed and "
-        "steps, then print the ablation table (rows: ablations; columns: loss terms and cost). Finished "
-        "records are reused, so an interrupted ablation resumes.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  ctkd-bench ablate sra --steps 5\n"
-        "  ctkd-bench ablate sra --ablations full,no-regularizer --pair gemma3-270m:smollm2-135m",
+        _cmd_ablate,
+        "run a method's declared ablations on the same pair, data, seed and steps; print the table",
+        "Run every ablation that METHOD declares (see `ctkd-bench list`), each as its own run with its own "
+        "record (the ablation name is part of it), on the same pair, data, batches, seed and steps, then "
+        "print the ablation table (rows: ablations; columns: loss terms and cost). Finished records are "
+        "reused, so an interrupted ablation resumes.",
+        _examples(
+            "ctkd-bench ablate sra --steps 5",
+            "ctkd-bench ablate sra --ablations full,no-regularizer --pair gemma3-270m:smollm2-135m",
+        ),
+        [
+            _Argument("method", help="the method whose ablations to run"),
+            _Option(
+                "--ablations",
+                metavar="A1,A2",
+                help="only these ablations (default: all that the method declares)",
+            ),
+            *_run_options(),
+        ],
     )
-    ablate.add_argument("method", help="the method whose ablations to run")
-    ablate.add_argument(
-        "--ablations", metavar="A1,A2", help="only these ablations (default: all that the method declares)"
-    )
-    _add_run_args(ablate)
 
-    rp = sub.add_parser(
+
+def _report_command() -> click.Command:
+    return _command(
         "report",
-        help="paper tables, ablation and cost tables, figures and significance from a results folder",
-        description="Read every record under RESULTS_DIR (run records of `run`/`ablate`/`--config` sweeps and "
-        "`eval` records, which give the Teacher row) and write into --out: the main table (rows: Teacher, "
-        "SFT, then the methods; columns: eval sets + Avg.; mean ± std, best student in bold) as "
+        _cmd_report,
+        "paper tables, ablation and cost tables, figures and significance from a results folder",
+        "Read every record under RESULTS_DIR (run records of `run`/`ablate`/`--config` sweeps and `eval` "
+        "records, which give the Teacher row) and write into --out: the main table (rows: Teacher, SFT, "
+        "then the methods; columns: eval sets + Avg.; mean ± std, best student in bold) as "
         "table.md/.tex (booktabs)/.csv, one ablation table per method that has ablations, a cost table, "
         "figures (per-set bars, cost vs. score, loss curves) as PNG and PDF, and README.md indexing them. "
         "Each method is tested against the best one (or --baseline) with a paired bootstrap over examples "
         "(over seeds where no samples file exists); cells significantly worse (p < 0.05) carry a dagger. "
         "Std: over the evaluation seeds of one trained student; with several training seeds, over the "
         "training seeds of each run's mean.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  ctkd-bench report results/dolly-small --out reports/dolly-small\n"
-        "  ctkd-bench report results --out /tmp/r --format md,png --baseline sra",
-    )
-    rp.add_argument(
-        "results_dir", type=Path, metavar="RESULTS_DIR", help="folder of records (searched recursively)"
-    )
-    rp.add_argument(
-        "--out", type=Path, metavar="DIR", help="where the report goes (default: reports/<RESULTS_DIR name>)"
-    )
-    rp.add_argument(
-        "--format",
-        default="md,tex,csv,png,pdf",
-        metavar="F1,F2",
-        help="what to write among md, tex, csv (tables) and png, pdf (figures) (default: all)",
-    )
-    rp.add_argument("--metric", default="rougeL", help="the eval metric in the tables (default: rougeL)")
-    rp.add_argument(
-        "--baseline", metavar="METHOD", help="test every method against this one (default: the best on Avg.)"
-    )
-    rp.add_argument(
-        "--bootstrap",
-        type=_positive_int,
-        default=1000,
-        metavar="N",
-        help="bootstrap resamples (default: 1000)",
+        _examples(
+            "ctkd-bench report results/dolly-small --out reports/dolly-small",
+            "ctkd-bench report results --out /tmp/r --format md,png --baseline sra",
+        ),
+        [
+            _Argument(
+                "results_dir",
+                type=PATH,
+                help="folder of records (searched recursively)",
+            ),
+            _Option(
+                "--out",
+                type=PATH,
+                metavar="DIR",
+                help="where the report goes (default: reports/<RESULTS_DIR name>)",
+            ),
+            _Option(
+                "--format",
+                default="md,tex,csv,png,pdf",
+                metavar="F1,F2",
+                help="what to write among md, tex, csv (tables) and png, pdf (figures) (default: all)",
+            ),
+            _Option(
+                "--metric",
+                default="rougeL",
+                metavar="NAME",
+                help="the eval metric in the tables (default: rougeL)",
+            ),
+            _Option(
+                "--baseline",
+                metavar="METHOD",
+                help="test every method against this one (default: the best on Avg.)",
+            ),
+            _Option(
+                "--bootstrap",
+                type=POSITIVE_INT,
+                default=1000,
+                metavar="N",
+                help="bootstrap resamples (default: 1000)",
+            ),
+        ],
     )
 
-    ft = sub.add_parser(
+
+def _finetune_command() -> click.Command:
+    return _command(
         "finetune",
-        help="fine-tune a model on the training data (the teacher SFT stage of the protocol)",
-        description="Supervised fine-tuning (cross-entropy on the responses) of one model, saved as a Hugging "
-        "Face folder that `--pair FOLDER:STUDENT` accepts as a teacher. The protocol fine-tunes "
-        "the teacher on the training data before distillation.",
-        epilog="example:\n  ctkd-bench finetune --model gemma3-270m --data dolly --data-dir ../shared/data "
-        "--out teachers/gemma3-270m-dolly --steps 500",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    ft.add_argument("--model", required=True, help="alias, folder or hub id of the model to fine-tune")
-    ft.add_argument(
-        "--out", required=True, type=Path, metavar="DIR", help="folder to write the fine-tuned model to"
-    )
-    _add_data_args(ft, "dolly")
-    _add_train_args(ft, 2e-5)
-    ft.add_argument(
-        "--results-dir",
-        type=Path,
-        default=Path("results"),
-        metavar="DIR",
-        help="where the run record goes (default: results/)",
-    )
-    ft.add_argument(
-        "--force",
-        action="store_true",
-        help="fine-tune again although a finished record (and its cached model) of the same settings exists",
+        _cmd_finetune,
+        "fine-tune a model on the training data (the teacher SFT stage of the protocol)",
+        "Supervised fine-tuning (cross-entropy on the responses) of one model, saved as a Hugging Face "
+        "folder that `--pair FOLDER:STUDENT` accepts as a teacher. The protocol fine-tunes the teacher on "
+        "the training data before distillation.",
+        _examples(
+            "ctkd-bench finetune --model gemma3-270m --data dolly --data-dir ../shared/data "
+            "--out teachers/gemma3-270m-dolly --steps 500"
+        ),
+        [
+            _Option(
+                "--model",
+                required=True,
+                metavar="MODEL",
+                help="alias, folder or hub id of the model to fine-tune",
+            ),
+            _Option(
+                "--out",
+                required=True,
+                type=PATH,
+                metavar="DIR",
+                help="folder to write the fine-tuned model to",
+            ),
+            *_data_options("dolly"),
+            *_train_options(lr=2e-5),
+            _results_dir_option("where the run record goes (default: results/)"),
+            _Option(
+                "--force",
+                is_flag=True,
+                help="fine-tune again although a finished record (and its cached model) of the same "
+                "settings exists",
+            ),
+        ],
     )
 
-    ev = sub.add_parser(
+
+def _eval_command() -> click.Command:
+    return _command(
         "eval",
-        help="score any model on the instruction sets (or lm-eval tasks): the teacher row of a table",
-        description="Generate answers with MODEL and score them with ROUGE-L (the protocol of the CTKD "
-        "literature: sampling at temperature 1, no-repeat-ngram 6, seeds 10-50, mean and std), through "
-        "lm-eval in-process. Prints a per-set table and writes an eval record with a samples file.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  ctkd-bench eval --model smollm2-135m --tasks ctkd-instruct --data-dir ../shared/data "
-        "--eval-limit 20 --greedy\n  ctkd-bench eval --model results/models/<run> --tasks dolly,vicuna --data-dir ../shared/data",
+        _cmd_eval,
+        "score any model on the instruction sets (or lm-eval tasks): the teacher row of a table",
+        "Generate answers with MODEL and score them with ROUGE-L (the protocol of the CTKD literature: "
+        "sampling at temperature 1, no-repeat-ngram 6, seeds 10-50, mean and std), through lm-eval "
+        "in-process. Prints a per-set table and writes an eval record with a samples file.",
+        _examples(
+            "ctkd-bench eval --model smollm2-135m --tasks ctkd-instruct --data-dir ../shared/data "
+            "--eval-limit 20 --greedy",
+            "ctkd-bench eval --model results/models/<run> --tasks dolly,vicuna --data-dir ../shared/data",
+        ),
+        [
+            _Option(
+                "--model",
+                required=True,
+                metavar="MODEL",
+                help="alias, folder (e.g. from --save-model) or hub id",
+            ),
+            _Option(
+                "--tasks",
+                default="ctkd-instruct",
+                metavar="T1,T2",
+                help="comma-separated tasks (default: ctkd-instruct)",
+            ),
+            _Option(
+                "--data-dir",
+                metavar="DIR",
+                help="folder in the MiniLLM layout (e.g. ../shared/data); without it the sets come from "
+                "the hub",
+            ),
+            *_eval_options(),
+            _device_option(),
+            _results_dir_option("where the eval record and samples go (default: results/)"),
+            _no_progress_option(),
+        ],
     )
-    ev.add_argument("--model", required=True, help="alias, folder (e.g. from --save-model) or hub id")
-    ev.add_argument("--tasks", default="ctkd-instruct", help="comma-separated tasks (default: ctkd-instruct)")
-    ev.add_argument(
-        "--data-dir",
-        metavar="DIR",
-        help="folder in the MiniLLM layout (e.g. ../shared/data); without it the sets come from the hub",
-    )
-    _add_eval_args(ev)
-    ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: auto")
-    ev.add_argument(
-        "--results-dir",
-        type=Path,
-        default=Path("results"),
-        metavar="DIR",
-        help="where the eval record and samples go (default: results/)",
-    )
-    ev.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    bn = sub.add_parser(
+
+def _bench_command() -> click.Command:
+    return _command(
         "bench",
-        help="time every method on a pair in one process: s/step, teacher share, peak memory, ratios",
-        description="Train each method for a few steps on the same batches (the first step is not timed) "
-        "and print per method: s/step, the teacher's s/step, peak memory and the ratio s/step / (SFT s/step "
-        "+ the method's teacher s/step); then the sweep ratio of running them all one after the other, "
-        "sum of steps / (sum of student steps + one teacher forward). The last line is exactly "
+        _cmd_bench,
+        "time every method on a pair in one process: s/step, teacher share, peak memory, ratios",
+        "Train each method for a few steps on the same batches (the first step is not timed) and print per "
+        "method: s/step, the teacher's s/step, peak memory and the ratio s/step / (SFT s/step + the "
+        "method's teacher s/step); then the sweep ratio of running them all one after the other, sum of "
+        "steps / (sum of student steps + one teacher forward). The last line is exactly "
         "max_method_ratio=<float> sweep_ratio=<float>. Records go to a temporary folder.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  ctkd-bench bench\n  ctkd-bench bench --methods token-kld,uld --data dolly "
-        "--data-dir ../shared/data --batch-size 4 --max-length 256 --steps 6",
+        _examples(
+            "ctkd-bench bench",
+            "ctkd-bench bench --methods token-kld,uld --data dolly --data-dir ../shared/data --batch-size 4 "
+            "--max-length 256 --steps 6",
+        ),
+        [
+            _Option(
+                "--methods",
+                metavar="M1,M2",
+                help="methods to time (default: every registered method that suits the pair's tokenizers)",
+            ),
+            _Option(
+                "--pair", default=DEFAULT_PAIR, metavar="TEACHER:STUDENT", help=f"default: {DEFAULT_PAIR}"
+            ),
+            _Option(
+                "--steps",
+                type=POSITIVE_INT,
+                default=4,
+                metavar="N",
+                help="steps per method, the first untimed (default: 4)",
+            ),
+            _Option(
+                "--batch-size",
+                type=POSITIVE_INT,
+                default=4,
+                metavar="N",
+                help="examples per step (default: 4)",
+            ),
+            _Option(
+                "--max-length",
+                type=POSITIVE_INT,
+                default=256,
+                metavar="N",
+                help="max tokens per side (default: 256)",
+            ),
+            _Option(
+                "--data", default="sharegpt", metavar="NAME", help="training set (default: sharegpt, offline)"
+            ),
+            _Option("--data-dir", metavar="DIR", help="folder in the MiniLLM layout, e.g. ../shared/data"),
+            _device_option(),
+            _no_progress_option(),
+        ],
     )
-    bn.add_argument(
-        "--methods",
-        metavar="M1,M2",
-        help="methods to time (default: every registered method that suits the pair's tokenizers)",
-    )
-    bn.add_argument(
-        "--pair", default=DEFAULT_PAIR, metavar="TEACHER:STUDENT", help=f"default: {DEFAULT_PAIR}"
-    )
-    bn.add_argument(
-        "--steps", type=_positive_int, default=4, help="steps per method, the first untimed (default: 4)"
-    )
-    bn.add_argument("--batch-size", type=_positive_int, default=4, help="examples per step (default: 4)")
-    bn.add_argument(
-        "--max-length",
-        type=_positive_int,
-        default=256,
-        metavar="N",
-        help="max tokens per side (default: 256)",
-    )
-    bn.add_argument("--data", default="sharegpt", help="training set (default: sharegpt, offline)")
-    bn.add_argument("--data-dir", metavar="DIR", help="folder in the MiniLLM layout, e.g. ../shared/data")
-    bn.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: auto")
-    bn.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    sub.add_parser(
+
+def _list_command() -> click.Command:
+    return _command(
         "list",
-        help="list methods (with settings and ablations), model aliases and data sources",
-        description="List the registered methods with their default settings and ablations, the "
-        "model aliases and the data sources.",
+        _cmd_list,
+        "list methods (with settings and ablations), model aliases and data sources",
+        "List the registered methods with their default settings and ablations, the model aliases and the "
+        "data sources.",
+        "",
+        [],
     )
 
-    al = sub.add_parser(
+
+def _align_command() -> click.Command:
+    data = "a data set instead of TEXT"
+    return _command(
         "align",
-        help="show how the two tokenizers of a pair cut the same text: spans, token pairs, MinED",
-        description="Tokenize TEXT (or the examples of --data) with both tokenizers of the pair exactly as\n"
-        "training does, and show what the alignment methods see: both tokenizations, the spans (the\n"
-        "finest segmentation both respect: SRA spans, ALM chunks), the token pairs (one token each side\n"
-        "covering the same characters), the MinED vocabulary map (each teacher token -> the student token\n"
-        "with the same string, else the nearest by edit distance) and MinED's DTW alignment.\n\n"
-        "A TEXT is aligned as a response with an empty prompt, so the spans cover all of it (each model\n"
-        "still gets its own BOS, and EOS is appended, as in training). With --data, prompts are not aligned\n"
-        "(as in training) and the statistics that decide which methods suit the pair are printed: tokens\n"
-        "per span, 1:1 spans, token pairs, shared-vocabulary coverage, MinED exact matches, spans per\n"
-        "example. In a terminal the output is coloured (one colour per span); piped, it is plain text.\n"
-        "Only the tokenizers are loaded; the MinED map is computed for the teacher tokens that occur.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  ctkd-bench align 'Zürich is lovely 🌞 today.'\n"
-        "  ctkd-bench align --pair gemma3-270m:smollm2-135m --data dolly --data-dir ../shared/data --limit 200\n"
-        "  ctkd-bench align 'Zürich is lovely 🌞 today.' --html align.html",
+        _cmd_align,
+        "show how the two tokenizers of a pair cut the same text: spans, token pairs, MinED",
+        ALIGN_HELP,
+        _examples(
+            "ctkd-bench align 'Zürich is lovely 🌞 today.'",
+            "ctkd-bench align --pair gemma3-270m:smollm2-135m --data dolly --data-dir ../shared/data --limit 200",
+            "ctkd-bench align 'Zürich is lovely 🌞 today.' --html align.html",
+        ),
+        [
+            _Argument(
+                "text",
+                required=False,
+                help="the text to align, taken as a response with an empty prompt; or give --data",
+            ),
+            _Option(
+                "--pair",
+                default=DEFAULT_PAIR,
+                metavar="TEACHER:STUDENT",
+                help="teacher and student (aliases, folders or hub ids; only their tokenizers are loaded) "
+                f"(default: {DEFAULT_PAIR})",
+            ),
+            _Option(
+                "--data", metavar="NAME", group=data, help="dolly, sharegpt, ... or a .jsonl file / folder"
+            ),
+            _Option(
+                "--data-dir",
+                metavar="DIR",
+                group=data,
+                help="folder in the MiniLLM layout, e.g. ../shared/data (as for `run`)",
+            ),
+            _Option(
+                "--split",
+                default="train",
+                metavar="SPLIT",
+                group=data,
+                help="train, dev or test (default: train)",
+            ),
+            _Option(
+                "--limit",
+                type=POSITIVE_INT,
+                metavar="N",
+                group=data,
+                help="the first N examples of the split (default: 200)",
+            ),
+            _Option(
+                "--show",
+                type=NON_NEGATIVE_INT,
+                metavar="K",
+                group=data,
+                help="also show the first K examples token by token (default: none in the terminal, 10 in "
+                "--html)",
+            ),
+            *_length_options(
+                "options",
+                "max tokens of prompt + response on each side, as in training; a longer response is "
+                "truncated (default: {default})",
+                "longer prompts are skipped and counted, as in training (default: {default})",
+            ),
+            _Option(
+                "--html",
+                type=PATH,
+                metavar="FILE",
+                help="also write a self-contained page (no external resources): teacher and student tokens "
+                "in two rows, a span highlighted in both on hover",
+            ),
+        ],
     )
-    al.add_argument(
-        "text",
-        nargs="?",
-        metavar="TEXT",
-        help="the text to align, taken as a response with an empty prompt; or give --data",
-    )
-    al.add_argument(
-        "--pair",
-        default=DEFAULT_PAIR,
-        metavar="TEACHER:STUDENT",
-        help=f"teacher and student (aliases, folders or hub ids; only their tokenizers are loaded) "
-        f"(default: {DEFAULT_PAIR})",
-    )
-    ad = al.add_argument_group("a data set instead of TEXT")
-    ad.add_argument("--data", metavar="NAME", help="dolly, sharegpt, ... or a .jsonl file / folder")
-    ad.add_argument(
-        "--data-dir", metavar="DIR", help="folder in the MiniLLM layout, e.g. ../shared/data (as for `run`)"
-    )
-    ad.add_argument("--split", default="train", help="train, dev or test (default: train)")
-    ad.add_argument(
-        "--limit", type=_positive_int, metavar="N", help="the first N examples of the split (default: 200)"
-    )
-    ad.add_argument(
-        "--show",
-        type=_non_negative_int,
-        metavar="K",
-        help="also show the first K examples token by token (default: none in the terminal, 10 in --html)",
-    )
-    al.add_argument(
-        "--max-length",
-        type=_positive_int,
-        default=512,
-        metavar="N",
-        help="max tokens of prompt + response on each side, as in training; a longer response is "
-        "truncated (default: 512)",
-    )
-    al.add_argument(
-        "--max-prompt-length",
-        type=_positive_int,
-        default=256,
-        metavar="N",
-        help="longer prompts are skipped and counted, as in training (default: 256)",
-    )
-    al.add_argument(
-        "--html",
-        type=Path,
-        metavar="FILE",
-        help="also write a self-contained page (no external resources): teacher and student tokens in two "
-        "rows, a span highlighted in both on hover",
-    )
-    return parser
+
+
+ALIGN_HELP = """\
+Tokenize TEXT (or the examples of --data) with both tokenizers of the pair exactly as training does,
+and show what the alignment methods see: both tokenizations, the spans (the finest segmentation both
+respect: SRA spans, ALM chunks), the token pairs (one token each side covering the same characters),
+the MinED vocabulary map (each teacher token -> the student token with the same string, else the
+nearest by edit distance) and MinED's DTW alignment.
+
+A TEXT is aligned as a response with an empty prompt, so the spans cover all of it (each model still
+gets its own BOS, and EOS is appended, as in training). With --data, prompts are not aligned (as in
+training) and the statistics that decide which methods suit the pair are printed: tokens per span,
+1:1 spans, token pairs, shared-vocabulary coverage, MinED exact matches, spans per example. In a
+terminal the output is coloured (one colour per span); piped, it is plain text. Only the tokenizers
+are loaded; the MinED map is computed for the teacher tokens that occur.
+"""
 
 
 def _parse_overrides(items: list[str], methods: list[str]) -> dict[str, dict[str, str]]:
@@ -573,23 +803,11 @@ def _parse_overrides(items: list[str], methods: list[str]) -> dict[str, dict[str
 
 
 def _train_config(args):
+    """The TrainConfig of the command's flags of the same names (the fields it has no flag for: defaults)."""
     from ctkd_bench.runner import TrainConfig
 
-    return TrainConfig(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        warmup_ratio=args.warmup_ratio,
-        max_grad_norm=args.max_grad_norm,
-        max_length=args.max_length,
-        max_prompt_tokens=args.max_prompt_length,
-        seed=args.seed,
-        lora=args.lora,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
-    )
+    names = [f.name for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)]
+    return TrainConfig(**{name: getattr(args, name) for name in names})
 
 
 def _cmd_run(args) -> int:
@@ -622,7 +840,6 @@ def _cmd_run(args) -> int:
 
 # flags that still apply with --config; every other `run` flag is a setting of the experiment file
 _WITH_CONFIG = {
-    "command",
     "config",
     "launcher",
     "wait",
@@ -636,19 +853,17 @@ _WITH_CONFIG = {
 def _run_config(args) -> int:
     from ctkd_bench import sweep
 
-    defaults = vars(build_parser().parse_args(["run", "--config", str(args.config)]))
+    given = _given()
     clashing = [
-        name
-        for name, value in vars(args).items()
-        if name not in _WITH_CONFIG and not name.startswith("slurm_") and value != defaults.get(name)
+        flag for name, flag in given.items() if name not in _WITH_CONFIG and not name.startswith("slurm_")
     ]
     if clashing:
         raise UserError(
-            f"--{clashing[0].replace('_', '-')} cannot be combined with --config: set it in the experiment "
+            f"{clashing[0]} cannot be combined with --config: set it in the experiment "
             "file (see the README's experiment file section)"
         )
     experiment = sweep.load_experiment(args.config)
-    if args.results_dir != Path("results"):
+    if "results_dir" in given:
         experiment.results_dir = args.results_dir.expanduser().resolve()
     jobs = experiment.jobs()
     stages = [
@@ -738,7 +953,6 @@ def _cmd_eval(args) -> int:
 
 def _cmd_ablate(args) -> int:
     from ctkd_bench.api import get_method, method_names
-    from ctkd_bench.records import read_record
     from ctkd_bench.runner import MethodRun, run
 
     cls = get_method(args.method)
@@ -758,54 +972,26 @@ def _cmd_ablate(args) -> int:
     user = _parse_overrides(args.set, [args.method]).get(args.method, {})
     runs = [MethodRun(args.method, name, {**cls.ablations[name], **user}) for name in chosen]
     outcomes = run(_request(args, runs))
-    rows = []
-    for outcome in outcomes:
-        record = outcome.record or read_record(outcome.path) or {}
-        rows.append((outcome, record))
     print()
-    print(ablation_table(rows))
+    print(_ablation_summary(args.method, outcomes))
     return 1 if any(o.status == "failed" for o in outcomes) else 0
 
 
-def ablation_table(rows) -> str:
-    """A markdown table: one row per ablation, columns = final loss terms, eval scores, s/step, peak memory."""
-    terms: list[str] = []
-    for _, record in rows:
-        for name in record.get("losses", {}).get("final", {}):
-            if name not in terms:
-                terms.append(name)
-    tasks: list[str] = []
-    for _, record in rows:
-        for name in (record.get("eval") or {}).get("tasks", {}):
-            if name not in tasks:
-                tasks.append(name)
-    with_average = any((record.get("eval") or {}).get("average") for _, record in rows)
-    metric_cols = [*tasks, *(["average"] if with_average and len(tasks) > 1 else [])]
-    header = ["ablation", "status", *terms, *metric_cols, "s/step", "peak MB"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for outcome, record in rows:
-        final = record.get("losses", {}).get("final", {})
-        cost = record.get("cost", {})
-        scores = dict((record.get("eval") or {}).get("tasks", {}))
-        if (record.get("eval") or {}).get("average"):
-            scores["average"] = record["eval"]["average"]
-        cells = [
-            str(record.get("ablation") or outcome.label),
-            record.get("status", outcome.status),
-            *[f"{final[t]:.4f}" if t in final else "–" for t in terms],
-            *[_score_cell(scores.get(t)) for t in metric_cols],
-            f"{cost['seconds_per_step']:.2f}" if "seconds_per_step" in cost else "–",
-            f"{cost['peak_memory_mb']:.0f}" if "peak_memory_mb" in cost else "–",
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
+def _ablation_summary(method: str, outcomes) -> str:
+    """The report's ablation table of these runs (``report.ablation_markdown``), then one line per run
+    that has no finished record (failed, running elsewhere), which the table leaves out."""
+    from ctkd_bench.records import read_record
+    from ctkd_bench.report import ablation_markdown
+
+    rows = [(o.path, o.record or read_record(o.path)) for o in outcomes]
+    table = ablation_markdown([(path, record) for path, record in rows if record], method)
+    lines = [table.rstrip("\n") if table else f"no finished {method} ablation to tabulate"]
+    for outcome, (_, record) in zip(outcomes, rows):
+        status = (record or {}).get("status", outcome.status)
+        if status != "finished":
+            reason = (record or {}).get("failure") or ""
+            lines.append(f"{outcome.label}: {status}" + (f" ({reason})" if reason else ""))
     return "\n".join(lines)
-
-
-def _score_cell(score) -> str:
-    if not score:
-        return "–"
-    std = score.get("std")
-    return f"{score['mean']:.2f}" if std is None else f"{score['mean']:.2f} ± {std:.2f}"
 
 
 def _cmd_finetune(args) -> int:
@@ -857,8 +1043,6 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_list(args) -> int:
-    import dataclasses
-
     from ctkd_bench import zoo
     from ctkd_bench.api import get_method, method_names
     from ctkd_bench.data.sources import describe_sources
@@ -930,7 +1114,7 @@ def _cmd_align(args) -> int:
         student_name=student_spec.name,
         show=show,
         max_length=args.max_length,
-        max_prompt_tokens=args.max_prompt_length,
+        max_prompt_tokens=args.max_prompt_tokens,
         log=lambda line: print(line, file=sys.stderr, flush=True),
         progress=sys.stderr.isatty(),
     )
@@ -966,7 +1150,7 @@ def _cmd_bench(args) -> int:
     from ctkd_bench import zoo
     from ctkd_bench.api import get_method, method_names
     from ctkd_bench.bench import bench
-    from ctkd_bench.runner import MethodRun, RunRequest, TrainConfig
+    from ctkd_bench.runner import MethodRun, RunRequest
 
     teacher, student = zoo.parse_pair(args.pair)
     if args.methods:
@@ -982,7 +1166,7 @@ def _cmd_bench(args) -> int:
         pairs=[(teacher, student)],
         data=args.data,
         data_dir=args.data_dir,
-        train=TrainConfig(steps=args.steps, batch_size=args.batch_size, max_length=args.max_length),
+        train=_train_config(args),
         device=args.device,
         progress=not args.no_progress,
         keep_going=True,
@@ -991,30 +1175,68 @@ def _cmd_bench(args) -> int:
     return 0
 
 
-COMMANDS = {
-    "bench": _cmd_bench,
-    "run": _cmd_run,
-    "ablate": _cmd_ablate,
-    "eval": _cmd_eval,
-    "finetune": _cmd_finetune,
-    "report": _cmd_report,
-    "list": _cmd_list,
-    "align": _cmd_align,
-}
+class _Group(click.Group):
+    """The commands in --help in the order given, not sorted."""
+
+    def list_commands(self, ctx) -> list[str]:
+        return list(self.commands)
+
+
+def _no_command() -> None:
+    ctx = click.get_current_context()
+    if ctx.invoked_subcommand is None:  # `ctkd-bench` alone: its help, and exit code 2
+        click.echo(ctx.get_help())
+        ctx.exit(2)
+
+
+cli = _Group(
+    "ctkd-bench",
+    help=DESCRIPTION,
+    callback=_no_command,
+    invoke_without_command=True,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
+    commands=[
+        command()
+        for command in (
+            _run_command,
+            _ablate_command,
+            _report_command,
+            _finetune_command,
+            _eval_command,
+            _bench_command,
+            _list_command,
+            _align_command,
+        )
+    ],
+)
+
+
+def _error_line(err: click.ClickException) -> str:
+    """One line for a usage mistake: ``ctkd-bench run: error: --steps: must be ... (see `... --help`)``."""
+    ctx = getattr(err, "ctx", None)
+    prog = ctx.command_path if ctx is not None else "ctkd-bench"
+    param = getattr(err, "param", None)
+    if isinstance(err, click.BadParameter) and not isinstance(err, click.MissingParameter) and param:
+        name = param.opts[0] if isinstance(param, click.Option) else param.human_readable_name
+        message = f"{name}: {err.message}"
+    else:
+        message = err.format_message()
+    if isinstance(err, click.UsageError):
+        message += f" (see `{prog} --help`)"
+    return f"{prog}: error: " + message.replace("\n", " ")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
+    """The ``ctkd-bench`` entry point: the command's exit status; 2 and one line for every user mistake."""
     try:
-        return COMMANDS[args.command](args)
+        return cli.main(args=argv, prog_name="ctkd-bench", standalone_mode=False) or 0
+    except click.ClickException as err:
+        print(_error_line(err), file=sys.stderr)
+        return err.exit_code
     except UserError as err:
         print(f"ctkd-bench: error: {err}", file=sys.stderr)
         return err.exit_code
-    except KeyboardInterrupt:
+    except (click.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
         print("ctkd-bench: interrupted", file=sys.stderr)
         return 130
 

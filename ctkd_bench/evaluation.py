@@ -6,7 +6,11 @@ The tasks live in ``tasks/`` (installed as ``ctkd_bench.tasks``) as lm-eval ``ge
 (``dolly``, ``selfinst``, ``vicuna``, ``sinst``, ``dialogsum``; the unweighted mean over the sets, an lm-eval
 ``aggregate_metric_list`` with ``weight_by_size: false``). ``uinst`` is not in the group because no copy
 of it ships in the shared data folder (it needs the hub), and ``dialogsum`` has no hub copy: a group with
-both could run nowhere without hand-collected files. The documents come from
+both could run nowhere without hand-collected files. The YAMLs are the one place where the sets are
+named: :func:`task_catalog` (name, title, group membership, metrics, data, in table order) and
+:func:`task_group` read them, and every set name, title and metric here comes from there. Every metric
+of a task's ``metric_list`` is read into the result (the first is its score), for our tasks and lm-eval's
+alike. The documents come from
 :func:`ctkd_bench.data.sources.load_examples` (``data_dir``: the local folder layout of ``../shared/data``;
 ``None``: the Hugging Face hub copies); it reaches lm-eval as the TaskManager metadata key ``data_dir``.
 
@@ -48,7 +52,8 @@ Protocol (DSKD ``eval_main.sh`` / ``evaluate_main.py`` / ``rouge_metric.py``, se
 
 Any other lm-eval task name (``hellaswag``, ``gsm8k``, ...) is passed through to lm-eval's own task
 registry (``include_defaults=True``), run once (first seed) with its own generation settings and the
-model's full context (not the 512-token cap), and reported with its first metric. Offline such a task
+model's full context (not the 512-token cap), and reported with the first metric of its
+``metric_list`` (every one of them in the record). Offline such a task
 cannot download its data: that is a :class:`UserError` naming the task.
 
 The caller's RNG states (python, numpy, torch) are restored afterwards, and the model is put back in
@@ -65,19 +70,16 @@ import math
 import random
 import statistics
 import time
-from collections.abc import Iterator, Sequence
+import types
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ctkd_bench.errors import UserError
 
-ROUGE_TASKS: tuple[str, ...] = ("dolly", "dolly_dev", "selfinst", "vicuna", "sinst", "uinst", "dialogsum")
-GROUP_NAME = "ctkd-instruct"
-GROUP_TASKS: tuple[str, ...] = ("dolly", "selfinst", "vicuna", "sinst", "dialogsum")
-TASK_NAMES: tuple[str, ...] = ROUGE_TASKS + (GROUP_NAME,)
-METRIC = "rougeL"  # the metric name the task YAMLs report
-STOP_SEQUENCES: tuple[str, ...] = ("### Instruction",)  # as in the YAMLs' `until`
+# the YAMLs' `until` (tests/test_evaluation.py checks that they agree); EvalConfig sets it for every set
+STOP_SEQUENCES: tuple[str, ...] = ("### Instruction",)
 
 _LOG = logging.getLogger(__name__)
 
@@ -87,6 +89,118 @@ def tasks_dir() -> Path:
     import ctkd_bench.tasks
 
     return Path(ctkd_bench.tasks.__file__).parent
+
+
+# ------------------------------------------------------------------------------------------- catalog
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """One of our evaluation sets, as its YAML in ``tasks/`` declares it."""
+
+    name: str  # the lm-eval task name (`task`)
+    title: str  # its name in tables (`task_alias`)
+    in_group: bool  # listed by the group YAML (a member of the instruction group)
+    metrics: tuple[str, ...]  # its `metric_list`, in order; the first is the set's headline score
+    source: str  # `dataset_kwargs.source`: the ctkd_bench.data.sources name of its data
+    split: str  # `dataset_kwargs.split`
+
+
+@dataclass(frozen=True)
+class GroupInfo:
+    """The instruction group, as its YAML declares it."""
+
+    name: str  # `group`
+    members: tuple[str, ...]  # `task`, in the YAML's order
+    metrics: tuple[str, ...]  # `aggregate_metric_list`, in order; the first is the group's score
+
+
+def task_catalog() -> Mapping[str, TaskInfo]:
+    """Our evaluation sets, name -> :class:`TaskInfo`, in their order (each YAML's ``metadata.order``).
+
+    The task YAMLs are the one place where a set is named: its name, title, data, metrics, place in
+    tables and group membership are read from them here, once per folder (cached); the mapping is
+    read-only.
+    """
+    return _read_catalog(str(tasks_dir()))[0]
+
+
+def task_group() -> GroupInfo:
+    """The instruction group (the one group YAML in ``tasks/``)."""
+    return _read_catalog(str(tasks_dir()))[1]
+
+
+def task_names() -> tuple[str, ...]:
+    """Every name of ours that ``EvalConfig.tasks`` takes: the sets in catalog order, then the group."""
+    return (*task_catalog(), task_group().name)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_catalog(folder: str) -> tuple[Mapping[str, TaskInfo], GroupInfo]:
+    """The sets and the group of the YAMLs in ``folder``, read as lm-eval's task index reads them.
+
+    Read with ``yaml`` here, not through lm-eval's ``TaskManager(include_path=...)``: building the
+    manager for this folder takes about 10 ms, but importing ``lm_eval.tasks`` takes 1.8-2.6 s on the
+    project's 2-core machine (it imports ``datasets``), a cost every caller that only wants names or
+    titles (``ctkd-bench report``, config checks, ``EvalConfig()``) would pay; reading the nine YAMLs
+    takes under 10 ms. The reading follows lm-eval's (every ``*.yaml`` of the flat folder): ``include``
+    is merged under the file's own keys, ``!function`` is not resolved, a file with neither ``task`` nor
+    ``group`` (the shared template) is not a task. ``tests/test_evaluation.py`` checks the result against ``TaskManager.task_index``.
+    """
+    configs = {path: _load_task_yaml(path) for path in sorted(Path(folder).glob("*.yaml"))}
+    groups = [cfg for cfg in configs.values() if "group" in cfg]
+    if len(groups) != 1:
+        raise ValueError(f"{folder} has {len(groups)} group YAMLs; ctkd-bench expects exactly one")
+    group = GroupInfo(
+        name=str(groups[0]["group"]),
+        members=tuple(str(name) for name in groups[0]["task"]),
+        metrics=tuple(str(m["metric"]) for m in groups[0].get("aggregate_metric_list") or ()),
+    )
+    tasks = [(path, cfg) for path, cfg in configs.items() if "task" in cfg and "group" not in cfg]
+    infos = sorted((_task_info(path, cfg, group) for path, cfg in tasks), key=lambda item: item[0])
+    orders = [order for order, _ in infos]
+    if len(set(orders)) != len(orders):
+        raise ValueError(f"two task YAMLs in {folder} have the same metadata.order: {orders}")
+    catalog = {info.name: info for _, info in infos}
+    unknown = [name for name in group.members if name not in catalog]
+    if unknown:
+        raise ValueError(f"group {group.name} lists {unknown}, which no task YAML in {folder} defines")
+    return types.MappingProxyType(catalog), group
+
+
+def _task_info(path: Path, cfg: dict[str, Any], group: GroupInfo) -> tuple[float, TaskInfo]:
+    """``(order, info)`` of one task YAML (already merged with its include)."""
+    order = (cfg.get("metadata") or {}).get("order")
+    if not isinstance(order, (int, float)) or isinstance(order, bool):
+        raise ValueError(f"{path} needs a numeric metadata.order (its place in tables), got {order!r}")
+    name = str(cfg["task"])
+    info = TaskInfo(
+        name=name,
+        title=str(cfg.get("task_alias") or name),
+        in_group=name in group.members,
+        metrics=tuple(str(m["metric"]) for m in cfg.get("metric_list") or ()),
+        source=str(cfg["dataset_kwargs"]["source"]),
+        split=str(cfg["dataset_kwargs"]["split"]),
+    )
+    return order, info
+
+
+def _load_task_yaml(path: Path) -> dict[str, Any]:
+    """One lm-eval YAML with its ``include`` merged in (its own keys win), ``!function`` left a string."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+    cfg = yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)  # noqa: S506 (a SafeLoader)
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} is not a YAML mapping")
+    includes = cfg.pop("include", [])
+    merged: dict[str, Any] = {}
+    for include in [includes] if isinstance(includes, str) else includes:
+        merged.update(_load_task_yaml(path.parent / include))
+    return {**merged, **cfg}
 
 
 # -------------------------------------------------------------------------------------------- metric
@@ -140,7 +254,7 @@ def instruction_docs(source: str, split: str, data_dir: str | Path | None = None
 class EvalConfig:
     """What to evaluate and how; the defaults are the literature's protocol (see the module docstring)."""
 
-    tasks: tuple[str, ...] = (GROUP_NAME,)
+    tasks: tuple[str, ...] = field(default_factory=lambda: (task_group().name,))
     data_dir: str | None = None  # local data folder (../shared/data layout); None: Hugging Face hub
     # score only the first N examples of each set; a mapping gives each of our sets its own limit
     # ({dolly: null, selfinst: 100}: all of Dolly test, the first 100 of SelfInst; unnamed sets: all)
@@ -157,7 +271,7 @@ class EvalConfig:
         self.tasks = tuple(t.strip() for t in self.tasks)
         self.seeds = tuple(int(s) for s in self.seeds)
         if not self.tasks:
-            raise UserError(f"no evaluation task given; choose from {', '.join(TASK_NAMES)}")
+            raise UserError(f"no evaluation task given; choose from {', '.join(task_names())}")
         if not self.seeds:
             raise UserError("no evaluation seed given; the protocol uses 10,20,30,40,50")
         if len(set(self.seeds)) != len(self.seeds):
@@ -175,11 +289,12 @@ class EvalConfig:
 
     def _check_limits(self) -> None:
         leaves = set(_leaf_order(self.tasks))
+        ours = task_catalog()
         for task, value in self.limit.items():
-            if task not in leaves or task not in TASK_NAMES:
+            if task not in leaves or task not in ours:
                 raise UserError(
                     f"evaluation limit names {task!r}, which is not one of our evaluated sets "
-                    f"({', '.join(sorted(leaves & set(TASK_NAMES)))})"
+                    f"({', '.join(sorted(leaves & set(ours)))})"
                 )
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise UserError(
@@ -190,14 +305,8 @@ class EvalConfig:
         """``{"<source>/<split>": N}`` for a per-set limit (what our tasks' ``load_docs`` cuts), else {}."""
         if not isinstance(self.limit, dict):
             return {}
-        import yaml
-
-        out = {}
-        for task, value in self.limit.items():
-            spec = yaml.safe_load((tasks_dir() / f"{task}.yaml").read_text(encoding="utf-8"))
-            kwargs = spec["dataset_kwargs"]
-            out[f"{kwargs['source']}/{kwargs['split']}"] = value
-        return out
+        catalog = task_catalog()
+        return {f"{catalog[task].source}/{catalog[task].split}": value for task, value in self.limit.items()}
 
     def run_limit(self) -> int | None:
         """The limit lm-eval applies to every task (None when each set has its own)."""
@@ -250,11 +359,11 @@ class TaskResult:
     """One task's scores over the runs (seeds)."""
 
     task: str
-    metric: str  # "rougeL" (x100) for ours; lm-eval's first metric for a built-in task
-    scores: dict[int, float]  # seed -> score
+    metric: str  # the first metric of the task's metric_list ("rougeL", x100, for ours)
+    scores: dict[int, float]  # seed -> score (of `metric`)
     n: int  # examples scored per run
     truncated_prompts: int | None = None  # prompts cut to max_prompt_tokens (ours only)
-    metrics: dict[int, dict[str, float]] = field(default_factory=dict)  # seed -> all lm-eval metrics
+    metrics: dict[int, dict[str, float]] = field(default_factory=dict)  # seed -> every metric_list metric
 
     @property
     def mean(self) -> float:
@@ -274,7 +383,7 @@ class TaskResult:
         }
         if self.truncated_prompts is not None:
             record["truncated_prompts"] = self.truncated_prompts
-        if self.metrics and self.metric != METRIC:
+        if any(set(m) - {self.metric} for m in self.metrics.values()):  # more than the headline
             record["metrics"] = {str(seed): m for seed, m in self.metrics.items()}
         return record
 
@@ -307,7 +416,9 @@ class EvalResult:
 
     @property
     def rouge_tasks(self) -> list[str]:
-        return [name for name, res in self.tasks.items() if res.metric == METRIC]
+        """Our sets evaluated whose headline is the group's metric (ROUGE-L): what the average is over."""
+        ours, metric = task_catalog(), task_group().metrics[:1]
+        return [name for name, res in self.tasks.items() if name in ours and res.metric in metric]
 
     def average_scores(self) -> dict[int, float]:
         """Per seed: the unweighted mean of the ROUGE-L sets evaluated (what the group reports)."""
@@ -409,11 +520,13 @@ def format_table(result: EvalResult) -> str:
     runs = len(result.config.run_seeds)
     header = f"ROUGE-L ({result.config.mode}, {runs} seed{'s' if runs > 1 else ''})"
     lines = [f"| set | {header} | n |", "|---|---:|---:|"]
+    averaged = set(result.rouge_tasks)
     for name, res in result.tasks.items():
-        label = name if res.metric == METRIC else f"{name} ({res.metric})"
+        label = name if name in averaged else f"{name} ({res.metric})"
         lines.append(f"| {label} | {_mean_std(res.mean, res.std)} | {res.n} |")
     if result.average is not None:
-        label = GROUP_NAME if GROUP_NAME in result.groups else "average"
+        group = task_group().name
+        label = group if group in result.groups else "average"
         lines.append(f"| **{label}** | {_mean_std(result.average, result.average_std)} | |")
     lines.append("")
     lines.append(
@@ -430,92 +543,137 @@ def _mean_std(mean: float, std: float | None) -> str:
 # ------------------------------------------------------------------------------------------ engine
 
 
+class _CtkdLM:
+    """What ctkd-bench adds to lm-eval's ``HFLM``: a per-task reseed, generation cost counters, explicit
+    EOS ids, greedy decoding through :func:`ctkd_bench.generation.greedy_decode` and no network lookups.
+
+    A mixin (``super()`` is ``HFLM``, see :func:`_hflm_class`), so that this module imports lm-eval only
+    when it evaluates.
+    """
+
+    def __init__(self, *args: Any, eos_token_ids: list[int], progress: bool, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.eos_token_ids = eos_token_ids
+        self.progress = progress
+        self.seed: int | None = None
+        self.cost = RunCost()
+        self.fast_greedy = True  # greedy through ctkd_bench.generation.greedy_decode, not generate
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        # One pass per task, each after re-seeding torch: a set's samples do not depend on the others.
+        import torch
+
+        by_task: dict[str | None, list[int]] = {}
+        for i, request in enumerate(requests):
+            by_task.setdefault(request.task_name, []).append(i)
+        outputs: list[str | None] = [None] * len(requests)
+        for indices in by_task.values():
+            if self.seed is not None:
+                torch.manual_seed(self.seed)
+            texts = super().generate_until(
+                [requests[i] for i in indices], disable_tqdm=disable_tqdm or not self.progress
+            )
+            for i, text in zip(indices, texts):
+                outputs[i] = text
+        return outputs
+
+    def _model_generate(self, context, max_length, stop, **generation_kwargs):
+        import torch
+
+        generation_kwargs.setdefault("eos_token_id", self.eos_token_ids)
+        eos = _id_list(generation_kwargs["eos_token_id"])
+        max_new_tokens = max_length - context.shape[1]
+        fast = self._takes_fast_greedy(max_new_tokens, generation_kwargs)
+        start = time.perf_counter()
+        if fast:
+            generated = self._fast_greedy(context, max_new_tokens, eos, stop, generation_kwargs)
+            out = generated.sequences
+        else:
+            out = super()._model_generate(context, max_length, stop, **generation_kwargs)
+        if context.device.type == "cuda":
+            torch.cuda.synchronize(context.device)
+        self.cost.generate_seconds += time.perf_counter() - start
+        if fast:
+            self.cost.generated_tokens += sum(generated.kept)
+        else:
+            self.cost.generated_tokens += _kept_tokens(self.tokenizer, out[:, context.shape[1] :], stop, eos)
+        return out
+
+    def _takes_fast_greedy(self, max_new_tokens: int, generation_kwargs: dict) -> bool:
+        from ctkd_bench.generation import fast_greedy_supported
+
+        return (
+            self.fast_greedy
+            and self.backend == "causal"
+            and max_new_tokens > 0
+            and self.tokenizer.pad_token_id is not None
+            and fast_greedy_supported(self.model, generation_kwargs)
+        )
+
+    def _fast_greedy(self, context, max_new_tokens: int, eos: list[int], stop, generation_kwargs: dict):
+        import torch
+
+        from ctkd_bench.generation import greedy_decode
+
+        with torch.autocast(
+            device_type=self.device.type,
+            dtype=self.mixed_precision_dtype,
+            enabled=self.mixed_precision_dtype is not None,
+        ):
+            return greedy_decode(
+                self.model,
+                context,
+                generation_kwargs.get("attention_mask"),
+                max_new_tokens=max_new_tokens,
+                eos_token_ids=eos,
+                pad_token_id=self.tokenizer.pad_token_id,
+                tokenizer=self.tokenizer,
+                stop_sequences=stop,
+                no_repeat_ngram_size=generation_kwargs.get("no_repeat_ngram_size"),
+                repetition_penalty=generation_kwargs.get("repetition_penalty"),
+            )
+
+    def get_model_info(self) -> dict:  # the base class asks the hub for the model's sha
+        return {
+            "model_num_parameters": sum(p.numel() for p in self.model.parameters()),
+            "model_dtype": str(self.model.dtype),
+        }
+
+
 @functools.lru_cache(maxsize=1)
 def _hflm_class():
-    """HFLM with a per-task reseed, generation cost counters, explicit EOS ids and no network lookups."""
-    import torch
+    """lm-eval's ``HFLM`` with :class:`_CtkdLM` mixed in (built once, on first use)."""
     from lm_eval.models.huggingface import HFLM
 
-    class _CtkdHFLM(HFLM):
-        def __init__(self, *args: Any, eos_token_ids: list[int], progress: bool, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.eos_token_ids = eos_token_ids
-            self.progress = progress
-            self.seed: int | None = None
-            self.cost = RunCost()
-            self.fast_greedy = True  # greedy through ctkd_bench.generation.greedy_decode, not generate
-
-        def generate_until(self, requests, disable_tqdm: bool = False):
-            # One pass per task, each after re-seeding torch: a set's samples do not depend on the others.
-            by_task: dict[str | None, list[int]] = {}
-            for i, request in enumerate(requests):
-                by_task.setdefault(request.task_name, []).append(i)
-            outputs: list[str | None] = [None] * len(requests)
-            for indices in by_task.values():
-                if self.seed is not None:
-                    torch.manual_seed(self.seed)
-                texts = super().generate_until(
-                    [requests[i] for i in indices], disable_tqdm=disable_tqdm or not self.progress
-                )
-                for i, text in zip(indices, texts):
-                    outputs[i] = text
-            return outputs
-
-        def _model_generate(self, context, max_length, stop, **generation_kwargs):
-            from ctkd_bench.generation import StopStrings, fast_greedy_supported, greedy_decode
-
-            generation_kwargs.setdefault("eos_token_id", self.eos_token_ids)
-            eos = generation_kwargs["eos_token_id"]
-            eos = [int(i) for i in (eos if isinstance(eos, (list, tuple)) else [eos])]
-            max_new_tokens = max_length - context.shape[1]
-            fast = (
-                self.fast_greedy
-                and self.backend == "causal"
-                and max_new_tokens > 0
-                and self.tokenizer.pad_token_id is not None
-                and fast_greedy_supported(self.model, generation_kwargs)
-            )
-            synchronize = context.device.type == "cuda"
-            start = time.perf_counter()
-            if fast:
-                with torch.autocast(
-                    device_type=self.device.type,
-                    dtype=self.mixed_precision_dtype,
-                    enabled=self.mixed_precision_dtype is not None,
-                ):
-                    generated = greedy_decode(
-                        self.model,
-                        context,
-                        generation_kwargs.get("attention_mask"),
-                        max_new_tokens=max_new_tokens,
-                        eos_token_ids=eos,
-                        pad_token_id=self.tokenizer.pad_token_id,
-                        tokenizer=self.tokenizer,
-                        stop_sequences=stop,
-                        no_repeat_ngram_size=generation_kwargs.get("no_repeat_ngram_size"),
-                        repetition_penalty=generation_kwargs.get("repetition_penalty"),
-                    )
-                out = generated.sequences
-            else:
-                out = super()._model_generate(context, max_length, stop, **generation_kwargs)
-            if synchronize:
-                torch.cuda.synchronize(context.device)
-            self.cost.generate_seconds += time.perf_counter() - start
-            if fast:
-                self.cost.generated_tokens += sum(generated.kept)
-            else:
-                checker = StopStrings(self.tokenizer, stop)
-                for row in out[:, context.shape[1] :].tolist():
-                    self.cost.generated_tokens += checker.kept_length(row, eos)
-            return out
-
-        def get_model_info(self) -> dict:  # the base class asks the hub for the model's sha
-            return {
-                "model_num_parameters": sum(p.numel() for p in self.model.parameters()),
-                "model_dtype": str(self.model.dtype),
-            }
+    class _CtkdHFLM(_CtkdLM, HFLM):
+        pass
 
     return _CtkdHFLM
+
+
+def _new_lm(model, tokenizer, config: EvalConfig, progress: bool, **kwargs: Any):
+    """Our HFLM around ``model`` (``kwargs``: more HFLM arguments, e.g. ``max_length``)."""
+    return _hflm_class()(
+        pretrained=model,
+        tokenizer=tokenizer,
+        batch_size=config.batch_size,
+        eos_token_ids=_eos_token_ids(model, tokenizer),
+        progress=progress,
+        **kwargs,
+    )
+
+
+def _id_list(ids) -> list[int]:
+    """A token id or a list of them, as a list of ints."""
+    return [int(i) for i in (ids if isinstance(ids, (list, tuple)) else [ids])]
+
+
+def _kept_tokens(tokenizer, new_tokens, stop, eos: list[int]) -> int:
+    """Kept new tokens of a ``generate`` output (``new_tokens``: [rows, steps]), counted as lm-eval stops."""
+    from ctkd_bench.generation import StopStrings
+
+    checker = StopStrings(tokenizer, stop)
+    return sum(checker.kept_length(row, eos) for row in new_tokens.tolist())
 
 
 def _eos_token_ids(model, tokenizer) -> list[int]:
@@ -536,18 +694,20 @@ def _default_task_manager():
 
 def _split_tasks(names: Sequence[str]) -> tuple[list[str], list[str]]:
     """(ours, built-in) in request order, duplicates and group members requested twice dropped."""
+    known_ours = task_names()
     ours: list[str] = []
     builtin: list[str] = []
     for name in dict.fromkeys(names):
-        (ours if name in TASK_NAMES else builtin).append(name)
-    if GROUP_NAME in ours:
-        ours = [name for name in ours if name not in GROUP_TASKS]
+        (ours if name in known_ours else builtin).append(name)
+    group = task_group()
+    if group.name in ours:
+        ours = [name for name in ours if name not in group.members]
     if builtin:
         known = set(_default_task_manager().all_tasks)
         unknown = [name for name in builtin if name not in known]
         if unknown:
             raise UserError(
-                f"unknown evaluation task {unknown[0]!r}; ours: {', '.join(TASK_NAMES)}; or any lm-eval task "
+                f"unknown evaluation task {unknown[0]!r}; ours: {', '.join(known_ours)}; or any lm-eval task "
                 "name (lm-eval --tasks list)"
             )
     return ours, builtin
@@ -560,20 +720,31 @@ def _one_line(exc: BaseException, limit: int = 300) -> str:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """lm-eval's INFO/WARNING logs (e.g. "Passed an already-initialized model") are noise here."""
-    from unittest import mock
+    """lm-eval's INFO/WARNING logs (e.g. "Passed an already-initialized model") and its context bar are off.
 
+    The logs go through lm-eval's public ``lm_eval`` logger. The bar has no public switch: in lm-eval
+    0.4.13, ``Task.build_all_requests`` (``lm_eval/api/task.py``) wraps its loop over the documents in
+    ``tqdm(doc_id_docs, total=num_docs)`` without ``disable``, and neither ``simple_evaluate`` nor
+    ``evaluator.evaluate`` has a parameter that reaches it; tqdm's own override (``TQDM_DISABLE``) is read
+    once, when tqdm is imported, so it cannot be set for one call. So, only while this context is open,
+    the module's ``tqdm`` name (the one that loop calls) is bound to a tqdm with ``disable=True`` (one
+    bar per set and seed, instant, otherwise; generation bars follow ``progress``). An lm-eval without
+    that name gets nothing swapped: its bar shows, nothing fails.
+    """
     import lm_eval.api.task as lm_eval_task
 
     logger = logging.getLogger("lm_eval")
     level = logger.level
     logger.setLevel(logging.ERROR)
+    bar = getattr(lm_eval_task, "tqdm", None)
+    if bar is not None:
+        lm_eval_task.tqdm = functools.partial(bar, disable=True)
     try:
-        # the context-building bar (one per task, instant) is always off; generation bars follow `progress`
-        with mock.patch.object(lm_eval_task, "tqdm", functools.partial(lm_eval_task.tqdm, disable=True)):
-            yield
+        yield
     finally:
         logger.setLevel(level)
+        if bar is not None:
+            lm_eval_task.tqdm = bar
 
 
 @contextlib.contextmanager
@@ -643,23 +814,19 @@ def check_data(config: EvalConfig) -> dict[str, str]:
     lm-eval task names are checked against lm-eval's registry. Returns the content digest of each of our
     sets (``{"dolly/test": digest, ...}``), which is part of the identity of a record that scores on them.
     """
-    import yaml
-
     from ctkd_bench.data.sources import examples_digest, load_examples
 
     ours, _ = _split_tasks(config.tasks)
+    catalog = task_catalog()
     digests: dict[str, str] = {}
     for name in _leaf_order(ours):
-        spec = yaml.safe_load((tasks_dir() / f"{name}.yaml").read_text(encoding="utf-8"))
-        kwargs = spec["dataset_kwargs"]
-        key = f"{kwargs['source']}/{kwargs['split']}"
+        info = catalog[name]
+        key = f"{info.source}/{info.split}"
         if key not in digests:
             try:
-                digests[key] = examples_digest(
-                    load_examples(kwargs["source"], kwargs["split"], config.data_dir)
-                )
+                digests[key] = examples_digest(load_examples(info.source, info.split, config.data_dir))
             except UserError as err:
-                raise UserError(f"evaluation task {name} ({kwargs['split']} split): {err}") from None
+                raise UserError(f"evaluation task {name} ({info.split} split): {err}") from None
     return digests
 
 
@@ -671,9 +838,10 @@ def eval_identity(config: EvalConfig, digests: dict[str, str]) -> dict[str, Any]
 
 
 def _leaf_order(names: Sequence[str]) -> list[str]:
+    group = task_group()
     leaves: list[str] = []
     for name in names:
-        leaves.extend(GROUP_TASKS if name == GROUP_NAME else [name])
+        leaves.extend(group.members if name == group.name else [name])
     return list(dict.fromkeys(leaves))
 
 
@@ -711,42 +879,60 @@ def _load_ours(config: EvalConfig, names: list[str]):
 
 
 def _evaluate_ours(model, tokenizer, config, names, progress, result: EvalResult) -> None:
-    hflm_class = _hflm_class()
     lm = None
     for seed in config.run_seeds:
         manager, loaded = _load_ours(config, names)  # data problems surface before any generation
         if lm is None:
-            lm = hflm_class(
-                pretrained=model,
-                tokenizer=tokenizer,
-                batch_size=config.batch_size,
-                max_length=config.max_prompt_tokens + config.max_new_tokens,
-                eos_token_ids=_eos_token_ids(model, tokenizer),
-                progress=progress,
-            )
+            max_length = config.max_prompt_tokens + config.max_new_tokens
+            lm = _new_lm(model, tokenizer, config, progress, max_length=max_length)
         lm.seed, lm.cost = seed, RunCost()
         start = time.perf_counter()
         out = _simple_evaluate(lm, [*loaded["groups"].values(), *_standalone(loaded)], manager, config, seed)
         lm.cost.seconds = time.perf_counter() - start
         result.cost[seed] = lm.cost
-        for name in loaded["tasks"]:
-            samples = [_sample(name, seed, row) for row in out["samples"][name]]
-            score = out["results"][name][f"{METRIC},none"]
-            task_result = result.tasks.setdefault(
-                name,
-                TaskResult(
-                    task=name,
-                    metric=METRIC,
-                    scores={},
-                    n=len(samples),
-                    truncated_prompts=_count_truncated(tokenizer, samples, config.max_prompt_tokens),
-                ),
-            )
-            task_result.scores[seed] = float(score)
-            result.samples.setdefault(name, {})[seed] = samples
-        for group in loaded["groups"]:
-            value = out["results"][group][f"{METRIC},none"]
-            result.groups.setdefault(group, {})[seed] = float(value)
+        for name, task in loaded["tasks"].items():
+            _add_our_run(result, name, list(task.aggregation()), out, seed, tokenizer)
+        _add_group_scores(result, loaded["groups"], out, seed)
+
+
+def _add_our_run(result: EvalResult, name: str, metrics: list[str], out, seed: int, tokenizer) -> None:
+    """One run of one of our sets into ``result``: every metric of its ``metric_list``, and its samples."""
+    values = _metric_values(out["results"][name], metrics)
+    headline = metrics[0]
+    samples = [_sample(name, seed, row, headline) for row in out["samples"][name]]
+    if name not in result.tasks:
+        truncated = _count_truncated(tokenizer, samples, result.config.max_prompt_tokens)
+        result.tasks[name] = TaskResult(
+            task=name, metric=headline, scores={}, n=len(samples), truncated_prompts=truncated
+        )
+    result.tasks[name].scores[seed] = values.get(headline, math.nan)
+    result.tasks[name].metrics[seed] = values
+    result.samples.setdefault(name, {})[seed] = samples
+
+
+def _metric_values(row: Mapping[str, Any], names: Sequence[str]) -> dict[str, float]:
+    """The value of each metric of ``names`` (a task's ``metric_list``) in its lm-eval results row.
+
+    lm-eval keys a value ``"<metric>,<filter>"`` (``"rougeL,none"``); where a metric has several filters
+    the last one is kept. Other keys (``alias``, ``sample_len``, the ``_stderr`` values) and NaN values
+    are left out. In the order of ``names``.
+    """
+    found: dict[str, float] = {}
+    for key, value in row.items():
+        metric = key.split(",")[0]
+        if metric in names and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isnan(value):
+                found[metric] = float(value)
+    return {name: found[name] for name in names if name in found}
+
+
+def _add_group_scores(result: EvalResult, groups: Mapping[str, Any], out: dict[str, Any], seed: int) -> None:
+    """Each group's first aggregate metric (``aggregate_metric_list``) for this run, where it has one."""
+    for name, group in groups.items():
+        metrics = [agg.metric for agg in group.aggregate_metric_list or ()]
+        values = _metric_values(out["results"].get(name, {}), metrics)
+        if values:
+            result.groups.setdefault(name, {})[seed] = next(iter(values.values()))
 
 
 def _standalone(loaded) -> list:
@@ -755,7 +941,7 @@ def _standalone(loaded) -> list:
     return [task for name, task in loaded["tasks"].items() if name not in members]
 
 
-def _sample(task: str, seed: int, row: dict) -> Sample:
+def _sample(task: str, seed: int, row: dict, metric: str) -> Sample:
     doc = row["doc"]
     prediction = row["filtered_resps"][0]
     return Sample(
@@ -766,7 +952,7 @@ def _sample(task: str, seed: int, row: dict) -> Sample:
         prompt=str(doc["prompt"]),
         prediction=str(prediction).strip(),
         references=tuple(doc["references"]),
-        score=float(row[METRIC]),
+        score=float(row[metric]),
     )
 
 
@@ -780,42 +966,27 @@ def _count_truncated(tokenizer, samples: list[Sample], max_prompt_tokens: int) -
 def _evaluate_builtin(model, tokenizer, config, names, progress, result: EvalResult) -> None:
     from ctkd_bench.data.sources import hub_reachable
 
-    manager = _default_task_manager()
+    tasks, groups = _load_builtin(names)
     seed = config.run_seeds[0]
-    loaded_tasks = {}
-    loaded_groups = {}
-    for name in names:
-        try:
-            loaded = manager.load([name])
-        except Exception as exc:
-            raise _builtin_error(name, exc, hub_reachable()) from exc
-        loaded_tasks.update(loaded["tasks"])
-        loaded_groups.update(loaded["groups"])
-    lm = _hflm_class()(
-        pretrained=model,
-        tokenizer=tokenizer,
-        batch_size=config.batch_size,
-        eos_token_ids=_eos_token_ids(model, tokenizer),
-        progress=progress,
-    )
+    lm = _new_lm(model, tokenizer, config, progress)
     lm.seed = seed
     start = time.perf_counter()
-    tops = [*loaded_groups.values(), *_standalone({"tasks": loaded_tasks, "groups": loaded_groups})]
     try:
-        out = _simple_evaluate(lm, tops, manager, config, seed)
+        out = _simple_evaluate(
+            lm,
+            [*groups.values(), *_standalone({"tasks": tasks, "groups": groups})],
+            _default_task_manager(),
+            config,
+            seed,
+        )
     except Exception as exc:
         raise _builtin_error(", ".join(names), exc, hub_reachable()) from exc
     cost = result.cost.setdefault(seed, RunCost())
     cost.seconds += time.perf_counter() - start
     cost.generate_seconds += lm.cost.generate_seconds
     cost.generated_tokens += lm.cost.generated_tokens
-    for name in loaded_tasks:
-        metrics = {
-            key.split(",")[0]: float(value)
-            for key, value in out["results"][name].items()
-            if "_stderr" not in key and isinstance(value, (int, float)) and not isinstance(value, bool)
-        }
-        metrics = {k: v for k, v in metrics.items() if not math.isnan(v)}
+    for name, task in tasks.items():
+        metrics = _metric_values(out["results"][name], list(task.aggregation()))
         if not metrics:
             continue
         metric = next(iter(metrics))
@@ -823,27 +994,38 @@ def _evaluate_builtin(model, tokenizer, config, names, progress, result: EvalRes
         result.tasks[name] = TaskResult(
             task=name, metric=metric, scores={seed: metrics[metric]}, n=len(rows), metrics={seed: metrics}
         )
-        result.samples.setdefault(name, {})[seed] = [
-            Sample(
-                task=name,
-                seed=seed,
-                doc_id=int(row["doc_id"]),
-                uid=str(row.get("doc_hash", row["doc_id"])),
-                prompt=str(row["arguments"][0][0]) if row.get("arguments") else "",
-                prediction=str(row["filtered_resps"][0]) if row.get("filtered_resps") else "",
-                references=(str(row.get("target", "")),),
-                score=float(row.get(metric, float("nan"))),
-            )
-            for row in rows
-        ]
-    for group in loaded_groups:
-        values = [
-            v
-            for k, v in out["results"].get(group, {}).items()
-            if "_stderr" not in k and isinstance(v, (int, float)) and not isinstance(v, bool)
-        ]
-        if values:
-            result.groups.setdefault(group, {})[seed] = float(values[0])
+        result.samples.setdefault(name, {})[seed] = [_builtin_sample(name, seed, row, metric) for row in rows]
+    _add_group_scores(result, groups, out, seed)
+
+
+def _load_builtin(names: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(tasks, groups) of lm-eval's registry for ``names``; a task that cannot load is a UserError."""
+    from ctkd_bench.data.sources import hub_reachable
+
+    manager = _default_task_manager()
+    tasks: dict[str, Any] = {}
+    groups: dict[str, Any] = {}
+    for name in names:
+        try:
+            loaded = manager.load([name])
+        except Exception as exc:
+            raise _builtin_error(name, exc, hub_reachable()) from exc
+        tasks.update(loaded["tasks"])
+        groups.update(loaded["groups"])
+    return tasks, groups
+
+
+def _builtin_sample(task: str, seed: int, row: dict, metric: str) -> Sample:
+    return Sample(
+        task=task,
+        seed=seed,
+        doc_id=int(row["doc_id"]),
+        uid=str(row.get("doc_hash", row["doc_id"])),
+        prompt=str(row["arguments"][0][0]) if row.get("arguments") else "",
+        prediction=str(row["filtered_resps"][0]) if row.get("filtered_resps") else "",
+        references=(str(row.get("target", "")),),
+        score=float(row.get(metric, float("nan"))),
+    )
 
 
 def _builtin_error(name: str, exc: BaseException, reachable: bool) -> UserError:
@@ -853,6 +1035,6 @@ def _builtin_error(name: str, exc: BaseException, reachable: bool) -> UserError:
         return UserError(
             f"task {name!r} needs the Hugging Face hub to download its data set, and the hub is not "
             f"reachable here (offline); run it where the hub is reachable or choose one of ours "
-            f"({', '.join(TASK_NAMES)}) [{_one_line(exc, 160)}]"
+            f"({', '.join(task_names())}) [{_one_line(exc, 160)}]"
         )
     return UserError(f"task {name!r}: lm-eval could not load or run it ({_one_line(exc)})")

@@ -156,6 +156,75 @@ def _processors(model, no_repeat_ngram_size: int | None, repetition_penalty: flo
     return processors
 
 
+@dataclass
+class _Rows:
+    """The rows in the forward pass (those not yet ended; all of them with ``prune=False``)."""
+
+    index: torch.Tensor  # the original batch index of each row
+    seqs: torch.Tensor  # [rows, prompt + steps]: the prompt and the new tokens so far
+    step_input: torch.Tensor  # the tokens the next forward pass reads
+    positions: torch.Tensor  # their position ids
+    mask: torch.Tensor | None  # 2D attention mask (None: all ones, which generate drops)
+    cache: Any  # the KV cache
+
+    @classmethod
+    def start(cls, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> _Rows:
+        """The prefill inputs of a left-padded batch: position ids and mask as ``generate`` makes them."""
+        from transformers import DynamicCache
+
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.to(device=input_ids.device, dtype=torch.long)
+        positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        return cls(
+            index=torch.arange(input_ids.shape[0], device=input_ids.device),
+            seqs=input_ids,
+            step_input=input_ids,
+            positions=positions,
+            mask=None if bool((attention_mask == 1).all()) else attention_mask,
+            cache=DynamicCache(config=model.config.get_text_config(decoder=True)),
+        )
+
+    def next_tokens(self, model, processors) -> torch.Tensor:
+        """One forward pass: the greedy next token of each row (float32 logits, then the processors)."""
+        outputs = model(
+            input_ids=self.step_input,
+            attention_mask=self.mask,
+            position_ids=self.positions,
+            cache=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+            return_dict=True,
+        )
+        logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32)
+        del outputs
+        return processors(self.seqs, logits).argmax(dim=-1)
+
+    def select(self, keep: torch.Tensor) -> None:
+        """Only the rows ``keep`` (positions in the batch) go on: the others leave it and the KV cache."""
+        self.cache.batch_select_indices(keep)
+        self.index, self.seqs, self.positions = self.index[keep], self.seqs[keep], self.positions[keep]
+        if self.mask is not None:
+            self.mask = self.mask[keep]
+
+    def advance(self, next_tokens: torch.Tensor) -> None:
+        """The next forward pass reads ``next_tokens`` at the next position."""
+        self.step_input = next_tokens[:, None]
+        self.positions = self.positions[:, -1:] + 1
+        if self.mask is not None:
+            self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=-1)
+
+
+def _ended(next_tokens, new_tokens, eos: torch.Tensor, stops: StopStrings | None, last: bool) -> torch.Tensor:
+    """Rows that end with this step: at an EOS id, at a stop string (in ``new_tokens``), or at the budget."""
+    ended = torch.isin(next_tokens, eos)
+    if stops:
+        ended |= stops.hit(new_tokens)
+    if last:
+        ended[:] = True
+    return ended
+
+
 @torch.no_grad()
 def greedy_decode(
     model,
@@ -177,76 +246,42 @@ def greedy_decode(
     lm-eval adds it. ``no_repeat_ngram_size`` / ``repetition_penalty``: ``None`` takes the model's
     generation config, as ``generate`` does.
     """
-    from transformers import DynamicCache
-
     batch, prompt_len = input_ids.shape
     device = input_ids.device
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    attention_mask = attention_mask.to(device=device, dtype=torch.long)
-    positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-    mask = None if bool((attention_mask == 1).all()) else attention_mask  # generate drops an all-ones mask
+    state = _Rows.start(model, input_ids, attention_mask)
     processors = _processors(model, no_repeat_ngram_size, repetition_penalty)
     stops = StopStrings(tokenizer, stop_sequences) if stop_sequences else None
     eos = torch.tensor(list(eos_token_ids), device=device, dtype=input_ids.dtype)
-
     out = torch.full((batch, prompt_len + max_new_tokens), pad_token_id, dtype=input_ids.dtype, device=device)
     out[:, :prompt_len] = input_ids
     kept = [max_new_tokens] * batch
-    rows = torch.arange(batch, device=device)  # original index of each row still in the batch
     live = torch.ones(batch, dtype=torch.bool, device=device)  # prune=False: rows not yet ended
-    seqs = input_ids
-    cache = DynamicCache(config=model.config.get_text_config(decoder=True))
-    step_input, step_positions = input_ids, positions
-    steps = forwards = row_steps = 0
+    steps = row_steps = 0
     for step in range(max_new_tokens):
-        outputs = model(
-            input_ids=step_input,
-            attention_mask=mask,
-            position_ids=step_positions,
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-            return_dict=True,
-        )
-        forwards += 1
-        row_steps += seqs.shape[0]
-        logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32)
-        del outputs
-        next_tokens = processors(seqs, logits).argmax(dim=-1)
+        next_tokens = state.next_tokens(model, processors)
+        row_steps += state.seqs.shape[0]
         if not prune:
             next_tokens = torch.where(live, next_tokens, torch.full_like(next_tokens, pad_token_id))
-        seqs = torch.cat([seqs, next_tokens[:, None]], dim=-1)
-        out[rows, prompt_len + step] = next_tokens
+        state.seqs = torch.cat([state.seqs, next_tokens[:, None]], dim=-1)
+        out[state.index, prompt_len + step] = next_tokens
         steps = step + 1
-        ended = torch.isin(next_tokens, eos)
-        if stops:
-            ended |= stops.hit(seqs[:, prompt_len:])
-        if steps == max_new_tokens:
-            ended[:] = True
+        ended = _ended(next_tokens, state.seqs[:, prompt_len:], eos, stops, last=steps == max_new_tokens)
         if not prune:
             ended &= live
-        for row in rows[ended].tolist():
+        for row in state.index[ended].tolist():
             kept[row] = steps
         if not prune:
             live &= ~ended
             if not bool(live.any()):
                 break
-            keep = None
-        else:
-            if bool(ended.all()):
-                break
-            keep = (~ended).nonzero().squeeze(1) if bool(ended.any()) else None
-        if keep is not None:
-            cache.batch_select_indices(keep)
-            rows, seqs, next_tokens = rows[keep], seqs[keep], next_tokens[keep]
-            step_positions = step_positions[keep]
-            if mask is not None:
-                mask = mask[keep]
-        step_input = next_tokens[:, None]
-        step_positions = step_positions[:, -1:] + 1
-        if mask is not None:
-            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+        elif bool(ended.all()):
+            break
+        elif bool(ended.any()):
+            keep = (~ended).nonzero().squeeze(1)
+            state.select(keep)
+            next_tokens = next_tokens[keep]
+        state.advance(next_tokens)
+    # one forward pass per step
     return Generated(
-        sequences=out[:, : prompt_len + steps], kept=kept, steps=steps, forwards=forwards, row_steps=row_steps
+        sequences=out[:, : prompt_len + steps], kept=kept, steps=steps, forwards=steps, row_steps=row_steps
     )

@@ -1,4 +1,5 @@
-"""Loss building blocks shared by methods (the runner's cross-entropy, restricted LM heads, KL).
+"""Loss building blocks shared by methods (the runner's cross-entropy, restricted LM heads, KL, the
+zero of a batch without targets, chunking of vocabulary-wide temporaries).
 
 Shapes follow torchtune's ``kd_losses.py`` habit: every function documents its tensors.
 """
@@ -8,7 +9,28 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ctkd_bench.data.batch import IGNORE_INDEX
+from ctkd_bench.constants import IGNORE_INDEX
+
+# Elements of a [rows, V] float32 temporary per chunk: softmax and sort over a 262k vocabulary are done on
+# at most this many elements at once (64 teacher positions, 341 student positions).
+CHUNK_ELEMENTS = 1 << 24
+
+
+def chunk_rows(vocab: int) -> int:
+    """How many positions of a ``vocab``-wide distribution fit in one chunk of :data:`CHUNK_ELEMENTS`."""
+    return max(1, CHUNK_ELEMENTS // max(vocab, 1))
+
+
+def zero_loss(*tensors: torch.Tensor) -> torch.Tensor:
+    """A scalar 0 computed from ``tensors`` (at least one), for a batch with nothing to distil.
+
+    Unlike a constant it stays in the autograd graph: ``backward`` runs through every tensor given and
+    leaves zero gradients (data-parallel training then finds a gradient for every parameter).
+    """
+    zero = tensors[0].sum() * 0.0
+    for tensor in tensors[1:]:
+        zero = zero + tensor.sum() * 0.0
+    return zero
 
 
 def response_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -16,7 +38,7 @@ def response_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.
 
     Args:
         logits: float ``[B, L, V]``; ``logits[:, t]`` predicts token ``t + 1``.
-        labels: long ``[B, L]``, unshifted, ``-100`` where there is no target.
+        labels: long ``[B, L]``, unshifted, ``IGNORE_INDEX`` where there is no target.
 
     Returns:
         Scalar: the sum of token losses divided by the number of labelled tokens (DSKD's per-token mean).

@@ -1,4 +1,8 @@
-"""Run records: one JSON file per (method, ablation, pair, data, seed, config hash), written atomically."""
+"""Run records: one JSON file per (method, ablation, pair, data, seed, config hash), written atomically.
+
+A training run's record is a :class:`RunRecord`; it is written at each change of its status: ``trained``
+(the student is safe on disk, its scoring is left), then ``finished`` or ``failed``.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import hashlib
 import json
 import platform
 import subprocess
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -34,6 +39,103 @@ def record_name(
         digest,
     ]
     return "__".join(p.replace("/", "-").replace(":", "-") for p in parts) + ".json"
+
+
+# the sections a run adds as it goes; absent from the JSON until they are set (never written as null)
+_LATER = (
+    "failure_step",
+    "failure_terms",
+    "losses",
+    "cost",
+    "trainable_parameters",
+    "selection",
+    "resumed_from_step",
+    "trained_at",
+    "eval",
+    "model_dir",
+    "failure",
+    "finished_at",
+)
+
+
+@dataclass(kw_only=True)
+class RunRecord:
+    """The record of one training run (a distilled student, or with role ``"teacher"`` a teacher SFT).
+
+    The fields are the JSON keys, in the order they are written; the sections of :data:`_LATER` are left
+    out while they are ``None``. ``extra`` keeps the keys of a record read from disk that this class does
+    not know, so that re-writing it loses nothing.
+    """
+
+    schema_version: int = SCHEMA_VERSION
+    status: str = "running"  # running | trained | finished | failed
+    method: str
+    ablation: str | None
+    label: str  # method@ablation
+    role: str | None = None  # "teacher": the teacher SFT stage (the Teacher row of a report)
+    config_hash: str
+    identity: dict[str, Any]  # everything that changes the numbers; config_hash is its hash
+    method_config: dict[str, Any]
+    pair: dict[str, Any]  # {"teacher", "student", "same_tokenizer"}
+    data: dict[str, Any]  # name, digest, examples used, encoding statistics
+    train: dict[str, Any]  # the TrainConfig fields
+    seed: int
+    versions: dict[str, str | None]
+    git_commit: str | None
+    started_at: str
+    failure_step: int | None = None
+    failure_terms: dict[str, float] | None = None  # each term's value at a non-finite loss
+    losses: dict[str, Any] | None = None  # {"final", "curve"[, "terms", "weights"]}
+    cost: dict[str, Any] | None = None  # step times, teacher share, peak memory, device
+    trainable_parameters: dict[str, int] | None = None
+    selection: dict[str, Any] | None = None  # the dev checkpoint selection (eval_every)
+    resumed_from_step: int | None = None
+    trained_at: str | None = None
+    eval: dict[str, Any] | None = None
+    model_dir: str | None = None  # where --save-model put the student
+    failure: str | None = None
+    finished_at: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as written: every field in order, the unset later sections left out."""
+        payload = {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name != "extra" and not (f.name in _LATER and getattr(self, f.name) is None)
+        }
+        return {**payload, **self.extra}
+
+    @classmethod
+    def from_json(cls, payload: dict[str, Any]) -> RunRecord:
+        """A record read back (e.g. a ``trained`` one whose scoring is left); unknown keys go to ``extra``."""
+        known = {f.name for f in fields(cls)} - {"extra"}
+        return cls(
+            **{k: v for k, v in payload.items() if k in known},
+            extra={k: v for k, v in payload.items() if k not in known},
+        )
+
+    def mark(self, status: str) -> None:
+        """Move to ``status`` and stamp its time (``trained_at``, or ``finished_at`` for finished/failed)."""
+        self.status = status
+        if status == "trained":
+            self.trained_at = now()
+        elif status in ("finished", "failed"):
+            self.finished_at = now()
+
+    def write(self, path: Path) -> None:
+        write_atomic(path, self.to_json())
+
+
+def read_run_record(path: Path) -> RunRecord | None:
+    """The run record at ``path``, or ``None`` if it is missing, unreadable or not a run record."""
+    payload = read_record(path)
+    if payload is None:
+        return None
+    try:
+        return RunRecord.from_json(payload)
+    except TypeError:  # an eval record, or keys missing
+        return None
 
 
 def write_atomic(path: Path, payload: dict[str, Any]) -> None:

@@ -10,6 +10,10 @@ are ignored. Older records are upgraded in memory through :data:`UPGRADES` (a re
 ``schema_version`` is version 0). Files that cannot be used, a half-written or corrupt JSON file or a
 record written by a newer ctkd-bench, are skipped: :func:`scan` returns them in :attr:`Scan.skipped`, and
 :func:`load` / :func:`load_records` emit one :class:`RecordWarning` per skipped file.
+
+A run's ``label`` (its row in the report) comes from what the record stores, never from today's code:
+``method@ablation`` and, in brackets, the settings in which its config differs from the defaults it
+recorded (:func:`record_label`, :func:`settings_variant`).
 """
 
 from __future__ import annotations
@@ -60,7 +64,9 @@ COLUMNS = [
     "eval_mode",
     "eval_limit",
     "eval_max_new_tokens",
+    "eval_protocol_seeds",
     "eval_tasks",
+    "average_tasks",
     "samples_file",
     "seconds_per_step",
     "teacher_seconds_per_step",
@@ -69,8 +75,13 @@ COLUMNS = [
     "device",
     "total_seconds",
     "final_loss",
+    "final_losses",
+    "loss_curve",
     "tokens_per_second",
     "method_config",
+    "teacher_source",
+    "model_source",
+    "model_dir",
     "finished_at",
 ]
 
@@ -124,13 +135,115 @@ class Scan:
 # ---------------------------------------------------------------------------------------------- upgrades
 
 
-def settings_variant(method: str | None, ablation: str | None, config: dict[str, Any]) -> str:
-    """``key=value`` of every setting that differs from the method's defaults and its ablation ("" if none).
+# The settings of the built-in methods (their Config defaults, then each ablation's own settings) as they
+# were when records did not yet store their own defaults (``method_defaults``): a record without them is
+# named against these, never against today's defaults, so its label stays when a default changes. Legacy
+# settings: a setting added after such records were written, with the value those runs had in effect.
+UNRECORDED_DEFAULTS: dict[str, dict[str, Any]] = {
+    "alm": {
+        "kd_rate": 0.5,
+        "temperature": 100.0,
+        "epsilon": 1e-06,
+        "distance": "binary_ce",
+        "weighting": "chunk_count",
+        "eos_chunk": True,
+    },
+    "cdm": {
+        "kd_rate": 0.1,
+        "temperature": 0.8,
+        "topk": 100,
+        "similarity_threshold": 0.3,
+        "dynamic_map": True,
+        "entropy_weighting": True,
+        "one_to_one": False,
+    },
+    "dskd": {
+        "kd_rate": 0.5,
+        "temperature": 2.0,
+        "teacher_temperature": 1.0,
+        "projector_lr": 0.001,
+        "correct_mask": True,
+        "student_space": True,
+        "teacher_space": True,
+        "chunk_size": 128,
+    },
+    "kd": {"kd_rate": 0.5, "temperature": 2.0},
+    "mined": {"kd_rate": 0.5, "temperature": 2.0},
+    "multilevel-ot": {
+        "kd_rate": 1.0,
+        "temperature": 2.0,
+        "top_k": 50,
+        "sl_weight": 0.1,
+        "sd_weight": 0.1,
+        "sinkhorn_temperature": 2.0,
+        "sinkhorn_epsilon": 0.1,
+        "sinkhorn_iterations": 10,
+        "sinkhorn_scale": 0.001,
+        "reduction": "example",
+    },
+    "sft": {},
+    "sra": {
+        "kd_rate": 0.5,
+        "temperature": 2.0,
+        "layers": ["-1:-1"],
+        "layer_weights": [],
+        "lambda_geo": 50.0,
+        "span_weight_power": 1.0,
+        "projector_lr": 0.0005,
+        "projector_weight_decay": 0.0,
+        "span_kd_reduction": "sum",
+        "com_weighting": "attention",
+        "span_weighting": "attention",
+        "regularizer": True,
+        "span_logits": True,
+        "hidden_alignment": True,
+    },
+    "token-kld": {"kd_rate": 0.5, "temperature": 2.0},
+    "uld": {"kd_rate": 0.5, "temperature": 1.0, "original": False, "distil_factor": 1.5},
+}
+UNRECORDED_ABLATIONS: dict[str, dict[str, dict[str, Any]]] = {
+    "alm": {
+        "tau-1": {"temperature": 1.0},
+        "abs": {"distance": "abs"},
+        "token-weighted": {"weighting": "token_count"},
+        "no-eos-chunk": {"eos_chunk": False},
+    },
+    "cdm": {"full": {}, "exact-map": {"dynamic_map": False}, "plain-dtw": {"entropy_weighting": False}},
+    "dskd": {
+        "full": {},
+        "no-correct-mask": {"correct_mask": False},
+        "student-space-only": {"teacher_space": False},
+        "teacher-space-only": {"student_space": False},
+    },
+    "multilevel-ot": {
+        "no-sl": {"sl_weight": 0.0},
+        "no-sd": {"sd_weight": 0.0},
+        "had-only": {"sl_weight": 0.0, "sd_weight": 0.0},
+    },
+    "sra": {
+        "full": {},
+        "no-com-weighting": {"com_weighting": "uniform"},
+        "no-span-weighting": {"span_weighting": "uniform"},
+        "no-regularizer": {"regularizer": False},
+        "no-span-logits": {"span_logits": False},
+        "no-hidden-alignment": {"hidden_alignment": False},
+        "span-logits-only": {"hidden_alignment": False, "regularizer": False},
+    },
+    "uld": {"original": {"original": True}},
+}
+UNRECORDED_LEGACY: dict[str, dict[str, Any]] = {"multilevel-ot": {"reduction": "token"}}
 
-    Unknown methods (a plugin that is not installed here) give "" : their records keep their plain label.
+
+def _unrecorded_defaults(method: str, ablation: str | None) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(defaults with the ablation's settings, legacy settings) for a record that stores no defaults.
+
+    Built-in methods: :data:`UNRECORDED_DEFAULTS`. A plugin method (not in that table) is read against its
+    installed class, the only case where today's code names an old record; not installed: ``None``.
     """
-    if not method:
-        return ""
+    if method in UNRECORDED_DEFAULTS:
+        defaults = dict(UNRECORDED_DEFAULTS[method])
+        defaults.update(UNRECORDED_ABLATIONS.get(method, {}).get(ablation or "", {}))
+        return defaults, UNRECORDED_LEGACY.get(method, {})
     try:
         from dataclasses import asdict
 
@@ -139,17 +252,59 @@ def settings_variant(method: str | None, ablation: str | None, config: dict[str,
         cls = get_method(method)
         defaults = asdict(cls.Config())
         defaults.update((cls.ablations or {}).get(ablation or "", {}))
-        config = {**(cls.legacy_settings or {}), **config}
+        return defaults, dict(cls.legacy_settings or {})
     except Exception:
+        return None
+
+
+def _same(value: Any, default: Any) -> bool:
+    if isinstance(default, (list, tuple)):
+        return isinstance(value, (list, tuple, type(None))) and list(default) == list(value or [])
+    return value == default
+
+
+def settings_variant(
+    method: str | None,
+    ablation: str | None,
+    config: dict[str, Any],
+    defaults: dict[str, Any] | None = None,
+) -> str:
+    """``key=value`` of every setting of ``config`` that differs from the defaults ("" if none).
+
+    ``defaults``: what the record stores as its ``method_defaults`` (the method's defaults with its
+    ablation's settings, when it ran). Without them (records written before they were stored), the
+    method's entry of :data:`UNRECORDED_DEFAULTS` with the ablation's settings, and a setting missing
+    from the record reads as its legacy value. Unknown methods (a plugin not installed here) give "".
+    """
+    if not method:
         return ""
-    changed = []
-    for key in sorted(config):
-        if key in defaults and config[key] != defaults[key]:
-            default = defaults[key]
-            same = isinstance(default, (list, tuple)) and list(default) == list(config[key] or [])
-            if not same:
-                changed.append(f"{key}={config[key]}")
+    if defaults is None:
+        found = _unrecorded_defaults(method, ablation)
+        if found is None:
+            return ""
+        defaults, legacy = found
+        config = {**legacy, **config}
+    changed = [
+        f"{key}={config[key]}"
+        for key in sorted(config)
+        if key in defaults and not _same(config[key], defaults[key])
+    ]
     return ", ".join(changed)
+
+
+def record_label(record: dict[str, Any]) -> str | None:
+    """A record's row name from what it stores: the model of an eval record; for a run, its label
+    (``method@ablation``) and, in brackets, the settings in which its config differs from its defaults
+    (see :func:`settings_variant`), so one method under other settings is another row."""
+    if (record.get("kind") or "run") == "eval":
+        return _name(record.get("model"))
+    method, ablation = record.get("method"), record.get("ablation")
+    label = record.get("label") or _label(method, ablation)
+    stored = record.get("method_defaults")
+    variant = settings_variant(
+        method, ablation, record.get("method_config") or {}, stored if isinstance(stored, dict) else None
+    )
+    return f"{label} [{variant}]" if variant else label
 
 
 def _label(method: str | None, ablation: str | None) -> str | None:
@@ -345,44 +500,34 @@ def _limit(value: Any) -> Any:
     return value
 
 
-def record_rows(path: Path, record: dict[str, Any]) -> list[dict[str, Any]]:
-    """The DataFrame rows of one (upgraded) record."""
+def _source(section: Any) -> str | None:
+    return section.get("source") if isinstance(section, dict) else None
+
+
+def _record_fields(path: Path, record: dict[str, Any]) -> dict[str, Any]:
+    """The columns every row of one record shares (who, what, how it was trained and what it cost)."""
     kind = record.get("kind") or "run"
     pair = record.get("pair") or {}
     train = record.get("train") or {}
     cost = record.get("cost") or {}
     losses = record.get("losses") or {}
-    evaluation = record.get("eval") or {}
-    protocol = evaluation.get("protocol") or {}
-    teacher = _name(pair.get("teacher"))
-    student = _name(pair.get("student"))
-    if kind == "eval":
-        model = _name(record.get("model"))
-        method, ablation, label = None, None, model
-    else:
-        model = student
-        method, ablation = record.get("method"), record.get("ablation")
-        label = record.get("label") or _label(method, ablation)
-        variant = settings_variant(method, ablation, record.get("method_config") or {})
-        if variant:  # the same method under other settings is another row, never a newer record of it
-            label = f"{label} [{variant}]"
+    teacher, student = _name(pair.get("teacher")), _name(pair.get("student"))
     identity = record.get("identity") or {}
     uses_teacher = None if kind == "eval" or "teacher" not in identity else identity["teacher"] is not None
-    samples = samples_path(path, record)
-    base = {
+    return {
         "record": str(path),
         "kind": kind,
         "status": record.get("status"),
         "failure": record.get("failure"),
         "schema_version": record.get("schema_version"),
-        "method": method,
-        "ablation": ablation,
-        "label": label,
+        "method": None if kind == "eval" else record.get("method"),
+        "ablation": None if kind == "eval" else record.get("ablation"),
+        "label": record_label(record),
         "role": record.get("role"),
         "teacher": teacher,
         "student": student,
         "pair": None if kind == "eval" else f"{teacher or 'none'}:{student}",
-        "model": model,
+        "model": _name(record.get("model")) if kind == "eval" else student,
         "data": _name(record.get("data")),
         "seed": record.get("seed", train.get("seed")),
         "config_hash": record.get("config_hash"),
@@ -390,11 +535,6 @@ def record_rows(path: Path, record: dict[str, Any]) -> list[dict[str, Any]]:
         "batch_size": train.get("batch_size"),
         "max_length": train.get("max_length"),
         "uses_teacher": uses_teacher,
-        "eval_mode": protocol.get("mode"),
-        "eval_limit": _limit(protocol.get("limit")),
-        "eval_max_new_tokens": protocol.get("max_new_tokens"),
-        "eval_tasks": list(protocol.get("tasks") or evaluation.get("tasks") or []) or None,
-        "samples_file": str(samples) if samples else None,
         "seconds_per_step": _float(cost.get("seconds_per_step")),
         "teacher_seconds_per_step": _float(cost.get("teacher_seconds_per_step")),
         "peak_memory_mb": _float(cost.get("peak_memory_mb")),
@@ -402,17 +542,41 @@ def record_rows(path: Path, record: dict[str, Any]) -> list[dict[str, Any]]:
         "device": cost.get("device"),
         "total_seconds": _float(cost.get("total_seconds")),
         "final_loss": _float((losses.get("final") or {}).get("loss")),
-        "tokens_per_second": _float((evaluation.get("cost") or {}).get("tokens_per_second")),
+        "final_losses": dict(losses.get("final") or {}),
+        "loss_curve": list(losses.get("curve") or []),
         "method_config": json.dumps(record.get("method_config") or {}, sort_keys=True, default=str),
+        "teacher_source": _source(pair.get("teacher")),
+        "model_source": _source(record.get("model")),
+        "model_dir": record.get("model_dir"),
         "finished_at": record.get("finished_at"),
     }
+
+
+def _eval_fields(path: Path, record: dict[str, Any]) -> dict[str, Any]:
+    """The columns every row of one record shares about its evaluation (protocol, samples, speed)."""
+    evaluation = record.get("eval") or {}
+    protocol = evaluation.get("protocol") or {}
+    samples = samples_path(path, record)
+    return {
+        "eval_mode": protocol.get("mode"),
+        "eval_limit": _limit(protocol.get("limit")),
+        "eval_max_new_tokens": protocol.get("max_new_tokens"),
+        "eval_protocol_seeds": list(protocol["seeds"]) if protocol.get("seeds") is not None else None,
+        "eval_tasks": list(protocol.get("tasks") or evaluation.get("tasks") or []) or None,
+        "average_tasks": list((evaluation.get("average") or {}).get("tasks") or []),
+        "samples_file": str(samples) if samples else None,
+        "tokens_per_second": _float((evaluation.get("cost") or {}).get("tokens_per_second")),
+    }
+
+
+def _task_rows(evaluation: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per eval set and one for ``eval.average`` (task :data:`AVERAGE`); none without an eval."""
     tasks = evaluation.get("tasks") or {}
     rows = []
     for task, result in tasks.items():
         seeds, scores = _per_seed(result.get("per_seed"))
         rows.append(
             {
-                **base,
                 "task": task,
                 "metric": result.get("metric"),
                 "mean": _float(result.get("mean")),
@@ -425,23 +589,29 @@ def record_rows(path: Path, record: dict[str, Any]) -> list[dict[str, Any]]:
     average = evaluation.get("average")
     if average:
         seeds, scores = _per_seed(average.get("per_seed"))
-        metrics = {(tasks.get(t) or {}).get("metric") for t in average.get("tasks") or []}
+        members = [tasks.get(t) or {} for t in average.get("tasks") or []]
+        metrics = {m.get("metric") for m in members}
         rows.append(
             {
-                **base,
                 "task": AVERAGE,
                 "metric": metrics.pop() if len(metrics) == 1 else None,
                 "mean": _float(average.get("mean")),
                 "std": _float(average.get("std")),
-                "n": sum((tasks.get(t) or {}).get("n") or 0 for t in average.get("tasks") or []) or None,
+                "n": sum(m.get("n") or 0 for m in members) or None,
                 "scores": scores,
                 "eval_seeds": seeds,
             }
         )
-    if not rows:
-        rows.append({**base, "task": None, "metric": None, "mean": None, "std": None, "n": None})
-        rows[0].update(scores=[], eval_seeds=[])
     return rows
+
+
+def record_rows(path: Path, record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The DataFrame rows of one (upgraded) record, each with exactly the :data:`COLUMNS`."""
+    base = {**_record_fields(path, record), **_eval_fields(path, record)}
+    rows = _task_rows(record.get("eval") or {})
+    if not rows:
+        rows = [dict(task=None, metric=None, mean=None, std=None, n=None, scores=[], eval_seeds=[])]
+    return [{**base, **row} for row in rows]
 
 
 def to_frame(records: list[tuple[Path, dict[str, Any]]]) -> pd.DataFrame:

@@ -1,11 +1,28 @@
 """The runner: one teacher per pair, one student per method, same batches in the same order.
 
-For each pair the runner loads both tokenizers, builds the training stream once (a seeded shuffle of
-the training split, dual-tokenized and aligned once per example, shared by every method of the run),
-loads the teacher once (only if some method needs it), then trains one fresh student per method:
-AdamW (weight decay 0.01), cosine schedule with warmup, gradient accumulation, gradient clipping,
-bf16 autocast on CUDA, data parallel through ``accelerate launch``. Every loss term and the step time
-are logged; each finished (or failed) run leaves one record, written atomically.
+Read top to bottom, as torchtune's KD recipe reads (setup, loss step, train, save):
+
+- **settings** (:class:`TrainConfig`, :class:`MethodRun`, :class:`RunRequest`): what a run is asked to
+  do, built from the command line, an experiment file or ``finetune`` by :meth:`RunRequest.from_settings`
+  and :meth:`TrainConfig.from_mapping`;
+- **run** (:func:`run`): the methods resolved, the training data read, the accelerator made; then pair by
+  pair (:func:`_run_pair`): plan, prepare the pair, execute each planned run;
+- **plan** (:func:`_plan`, :class:`PlannedRun`): each run's identity (everything that changes its
+  numbers) and its config hash, which names its record; a finished record is skipped, a run locked by a
+  live process is left to it, a dead one's lock and temp files are taken over, a run whose student was
+  trained but not scored is only scored;
+- **pair** (:class:`PairContext`, :func:`_prepare_pair`): both tokenizers, the alignment artifacts the
+  methods need, the training stream (a seeded shuffle of the training split, dual-tokenized and aligned
+  once per example, shared by every method) and the teacher, loaded once, only if some method needs it;
+- **execute** (:func:`_execute`): train, write the ``trained`` record, score, write the ``finished`` one
+  (or the ``failed`` one: NaN/Inf loss, out of memory); a record is a :class:`~ctkd_bench.records.RunRecord`
+  written atomically;
+- **train one student** (:func:`train_one`, :class:`StudentRecipe`): setup (the student and its method,
+  AdamW with weight decay 0.01 and a cosine schedule with warmup, the loader), restore a checkpoint, the
+  step loop (gradient accumulation, clipping, bf16 autocast on CUDA, data parallel through ``accelerate
+  launch``; every loss term and the step time logged; dev selection; checkpoints), finish;
+- **models**: the teacher's and the student's forward passes, devices, peak memory;
+- **stages**: the teacher SFT (:func:`finetune`), a run with role ``teacher``.
 """
 
 from __future__ import annotations
@@ -16,8 +33,8 @@ import math
 import random
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Collection, Iterator, Mapping
+from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -26,7 +43,7 @@ import torch
 from torch import nn
 
 from ctkd_bench import zoo
-from ctkd_bench.alignment import MinedAligner, SharedVocab, VocabMap, mined_vocab_map, shared_vocab
+from ctkd_bench.alignment import SharedVocab, TokenizerPair, VocabMap, build_pair_artifacts
 from ctkd_bench.api import (
     Distiller,
     MethodContext,
@@ -44,15 +61,17 @@ from ctkd_bench.files import RunLock, remove_stale_temps, torch_save_atomic
 from ctkd_bench.losses import lm_head_logits, response_cross_entropy
 from ctkd_bench.records import (
     SCHEMA_VERSION,
+    RunRecord,
     config_hash,
     git_commit,
     is_finished,
     now,
-    read_record,
+    read_run_record,
     record_name,
     versions,
-    write_atomic,
 )
+
+# ------------------------------------------------------------------------ settings: what a run is asked to do
 
 
 @dataclass
@@ -73,18 +92,71 @@ class TrainConfig:
     lora_alpha: float = 8.0  # DSKD/DWA-KD LoRA: r 256, alpha 8, dropout 0.1
     lora_dropout: float = 0.1
 
-    def validate(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "max_length", "max_prompt_tokens"):
-            value = getattr(self, name)
+    @classmethod
+    def from_mapping(
+        cls, mapping: Mapping[str, Any], *, source: str | None = None, exclude: Collection[str] = ()
+    ) -> TrainConfig:
+        """The one builder of training settings (command line, experiment files, ``finetune``), validated.
+
+        ``mapping`` holds field names (``max_prompt_tokens``, not the flag ``--max-prompt-length``); an
+        absent field keeps its default. Numbers may come as strings (YAML reads ``1e-4`` as one); an
+        integer given for a float setting is kept as it is, so the config hash stays that of the value
+        given. ``source`` names where the settings come from (``"exp.yaml: train"``): each mistake is one
+        line naming ``source.key``; without it, the command-line flag (``--steps``). ``exclude``: fields
+        that this source may not set.
+        """
+        allowed = [f.name for f in fields(cls) if f.name not in exclude]
+        unknown = sorted(set(mapping) - set(allowed))
+        if unknown:
+            where = f"{source}: " if source else ""
+            raise UserError(f"{where}unknown setting {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
+        types = {f.name: type(f.default) for f in fields(cls)}
+        values = {
+            key: _setting(value, types[key], _setting_name(key, source)) for key, value in mapping.items()
+        }
+        config = cls(**values)
+        config.validate(source)
+        return config
+
+    def validate(self, source: str | None = None) -> None:
+        """Each value in its range; a mistake names ``source.key``, or without ``source`` the flag."""
+        for key in ("steps", "batch_size", "grad_accum", "max_length", "max_prompt_tokens"):
+            value = getattr(self, key)
             if value <= 0:
-                flag = "--" + name.replace("_", "-")
-                raise UserError(f"{flag} must be a positive integer, got {value}")
+                raise UserError(f"{_setting_name(key, source)} must be a positive integer, got {value}")
         if self.lr <= 0:
-            raise UserError(f"--lr must be positive, got {self.lr}")
+            raise UserError(f"{_setting_name('lr', source)} must be positive, got {self.lr}")
         if not 0 <= self.warmup_ratio < 1:
-            raise UserError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+            raise UserError(
+                f"{_setting_name('warmup_ratio', source)} must be in [0, 1), got {self.warmup_ratio}"
+            )
         if self.lora < 0:
-            raise UserError(f"--lora must be a rank >= 1 (or 0 for full fine-tuning), got {self.lora}")
+            raise UserError(
+                f"{_setting_name('lora', source)} must be a rank >= 1 (or 0 for full fine-tuning), got {self.lora}"
+            )
+
+
+_FLAGS = {"max_prompt_tokens": "--max-prompt-length"}  # the command-line flags whose names differ
+
+
+def _setting_name(key: str, source: str | None) -> str:
+    """How an error names a training setting: ``exp.yaml: train.steps``, or the flag ``--steps``."""
+    if source:
+        return f"{source}.{key}"
+    return _FLAGS.get(key, "--" + key.replace("_", "-"))
+
+
+def _setting(value: Any, kind: type, name: str) -> int | float:
+    """``value`` as a number of ``kind`` (int or float), or a one-line error naming the setting."""
+    if isinstance(value, str):
+        try:
+            value = int(value) if kind is int else float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+        what = "an integer" if kind is int else "a number"
+        raise UserError(f"{name} must be {what}, not {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -121,6 +193,38 @@ class RunRequest:
     keep_going: bool = False  # record any error of one run as a failed record and go on (sweeps)
     role: str | None = None  # "teacher": the teacher SFT stage (its record is the Teacher row of a report)
 
+    @classmethod
+    def from_settings(
+        cls,
+        methods: list[MethodRun],
+        pairs: list[str] | list[tuple[zoo.ModelSpec | None, zoo.ModelSpec]],
+        *,
+        train: Mapping[str, Any] | TrainConfig | None = None,
+        source: str | None = None,
+        **settings: Any,
+    ) -> RunRequest:
+        """The one builder of a request (command line, experiment files, ``finetune``).
+
+        ``pairs``: ``TEACHER:STUDENT`` strings or (teacher, student) specs; ``train``: the TrainConfig
+        fields as a mapping (:meth:`TrainConfig.from_mapping`, whose errors name ``source.key``, or the
+        flag without ``source``) or a TrainConfig; ``settings``: the other fields, paths as strings or
+        Paths. An unknown setting is one line naming it.
+        """
+        allowed = {f.name for f in fields(cls)} - {"methods", "pairs", "train"}
+        unknown = sorted(set(settings) - allowed)
+        if unknown:
+            where = f"{source}: " if source else ""
+            raise UserError(
+                f"{where}unknown run setting {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}"
+            )
+        for key in ("results_dir", "save_model", "checkpoint_dir"):
+            if settings.get(key) is not None:
+                settings[key] = Path(settings[key])
+        if not isinstance(train, TrainConfig):
+            train = TrainConfig.from_mapping(train or {}, source=source)
+        specs = [zoo.parse_pair(pair) if isinstance(pair, str) else tuple(pair) for pair in pairs]
+        return cls(methods=list(methods), pairs=specs, train=train, **settings)
+
 
 @dataclass
 class RunOutcome:
@@ -131,7 +235,1012 @@ class RunOutcome:
     student: Any = None  # the trained model, when RunRequest.keep_students
 
 
-# ------------------------------------------------------------------------------------ devices
+# ------------------------------------------------ run: every pair of the request, every planned run of a pair
+
+
+def run(request: RunRequest, log=print) -> list[RunOutcome]:
+    """Run every method on every pair; returns one outcome per (pair, method)."""
+    request.train.validate()
+    device = resolve_device(request.device)
+    if request.eval_every < 0:
+        raise UserError(f"--eval-every must be >= 0, got {request.eval_every}")
+    if request.checkpoint_every < 0:
+        raise UserError(f"--checkpoint-every must be >= 0, got {request.checkpoint_every}")
+    resolved = resolve_methods(request.methods)
+    examples = load_examples(request.data, "train", request.data_dir)
+    data = _data_identity(request, examples)  # evaluation data errors come before training, not after
+    if not request.progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    accelerator = make_accelerator(device, request.train.grad_accum)
+    if request.eval_every and accelerator.num_processes > 1:
+        raise UserError(
+            "--eval-every needs a single process; train data-parallel without it and score the saved "
+            "students afterwards with `ctkd-bench eval --model FOLDER`"
+        )
+    if not accelerator.is_main_process:  # data-parallel workers train; only the main process reports
+
+        def log(*_args, **_kwargs) -> None:
+            return None
+
+    outcomes: list[RunOutcome] = []
+    for pair in request.pairs:
+        outcomes.extend(_run_pair(request, accelerator, pair, resolved, examples, data, log))
+    return outcomes
+
+
+def resolve_methods(runs: list[MethodRun]) -> list[tuple[MethodRun, type[Distiller], Any]]:
+    """Each run's method class and config; unknown names and bad settings fail here, before any load.
+
+    A method validates its settings in its config (``__post_init__``) or in :meth:`Distiller.needs`; both
+    run here, so a bad value is one line naming the setting before a model or data set is read.
+    """
+    resolved = []
+    for run_ in runs:
+        cls = get_method(run_.method)
+        config = apply_overrides(cls.Config(), run_.overrides, run_.method)
+        cls.needs(config)
+        resolved.append((run_, cls, config))
+    return resolved
+
+
+def _data_identity(request: RunRequest, examples: list) -> DataIdentity:
+    """The digests of the training split and of the evaluation sets (which fail now if missing)."""
+    evaluation = selection = None
+    if request.evaluation is not None or request.eval_every:
+        from ctkd_bench.evaluation import check_data, eval_identity
+
+        if request.evaluation is not None:
+            evaluation = eval_identity(request.evaluation, check_data(request.evaluation))
+        if request.eval_every:
+            config = DevSelection(request).config
+            selection = eval_identity(config, check_data(config))
+    return DataIdentity(examples_digest(examples), evaluation, selection)
+
+
+@dataclass(frozen=True)
+class DataIdentity:
+    """The contents a request reads, as digests: the training split and every evaluation set."""
+
+    train: str
+    evaluation: dict[str, Any] | None = None  # evaluation.eval_identity of request.evaluation
+    selection: dict[str, Any] | None = None  # the same for the dev selection (eval_every)
+
+
+def _run_pair(request, accelerator, pair, resolved, examples, data, log) -> list[RunOutcome]:
+    teacher_spec, student_spec = pair
+    student_tok = zoo.load_tokenizer(student_spec)
+    teacher_tok = zoo.load_tokenizer(teacher_spec) if teacher_spec is not None else None
+    same = teacher_tok is not None and zoo.same_tokenizer(student_tok, teacher_tok)
+    pc = PairContext(specs=pair, tokenizers=(student_tok, teacher_tok), same=same)
+    planned, outcomes = _plan(request, accelerator, pc, resolved, data, log)
+    if not planned:
+        return outcomes
+    try:
+        _prepare_pair(request, accelerator, pc, planned, examples)
+        for planned_run in planned:
+            outcomes.append(_execute(request, accelerator, pc, planned_run, log))
+            planned_run.lock.release()
+    finally:
+        for planned_run in planned:
+            planned_run.lock.release()
+    return outcomes
+
+
+# ----------------------------------------------------------------------- plan: identities, skip, lock, resume
+
+
+@dataclass
+class PlannedRun:
+    """One run of a pair: what it trains, its identity and record path, and its lock.
+
+    :func:`_claim` takes the lock; the run holds it until its record is written.
+    """
+
+    run: MethodRun
+    cls: type[Distiller]
+    config: Any
+    needs: Needs
+    identity: dict[str, Any]  # everything that changes the numbers (see _identity)
+    digest: str  # config_hash(identity): in the record's name
+    path: Path
+    lock: RunLock
+    trained: RunRecord | None = None  # a "trained" record whose student waits to be scored
+    checkpoint_root: Path | None = None  # RunRequest.checkpoint_dir
+
+    @property
+    def checkpoint(self) -> Checkpoint:
+        return Checkpoint(self.path, 0, self.checkpoint_root)
+
+
+def _plan(request, accelerator, pc: PairContext, resolved, data, log) -> tuple[list[PlannedRun], list]:
+    """Which runs of the pair to do: identity and record path of each; skip, lock, clean up, resume.
+
+    The main process decides (it alone takes the locks) and tells the data-parallel workers.
+    """
+    teacher_spec, student_spec = pc.specs
+    models = (
+        zoo.model_identity(teacher_spec) if teacher_spec is not None else None,
+        zoo.model_identity(student_spec),
+    )
+    candidates = [
+        _planned_run(request, accelerator.num_processes, pc, run_, cls, cfg, models, data)
+        for run_, cls, cfg in resolved
+    ]
+    decisions: list[str] = []
+    if accelerator.is_main_process:
+        decisions = [_claim(request, candidate, pc.names, log) for candidate in candidates]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        decisions = broadcast_object_list(decisions or [""] * len(candidates))
+    planned, outcomes = [], []
+    for candidate, decision in zip(candidates, decisions):
+        if decision in ("skipped", "running"):
+            outcomes.append(RunOutcome(candidate.run.label, candidate.path, decision))
+            continue
+        if decision == "score":
+            candidate.trained = read_run_record(candidate.path)
+        planned.append(candidate)
+    return planned, outcomes
+
+
+def _planned_run(request, num_processes: int, pc: PairContext, run_, cls, cfg, models, data) -> PlannedRun:
+    """One run's identity, config hash and record path; a method that cannot use the pair fails here."""
+    teacher_spec, student_spec = pc.specs
+    needs = cls.needs(cfg)
+    if needs.teacher and pc.tokenizers[1] is None:
+        raise UserError(f"{run_.method} needs a teacher; give a pair TEACHER:STUDENT")
+    if needs.teacher:
+        _check_tokenizers(run_.method, needs, pc.same, *pc.names.split(":"))
+    teacher_id, student_id = models  # zoo.model_identity of each side
+    identity = _identity(
+        num_processes, run_, cfg, (teacher_id if needs.teacher else None, student_id), request, data
+    )
+    digest = config_hash(identity)
+    path = Path(request.results_dir) / record_name(
+        run_.method,
+        run_.ablation,
+        teacher_spec.short if teacher_spec else "none",
+        student_spec.short,
+        request.data,
+        request.train.seed,
+        digest,
+    )
+    return PlannedRun(
+        run_, cls, cfg, needs, identity, digest, path, RunLock(path), None, request.checkpoint_dir
+    )
+
+
+def _identity(
+    num_processes: int,
+    run: MethodRun,
+    method_config: Any,
+    models: tuple[Any, Any],
+    request: RunRequest,
+    data: DataIdentity,
+) -> dict[str, Any]:
+    """Everything that changes a run's numbers, and nothing else (no path: data and local models by content)."""
+    teacher, student = models  # zoo.model_identity of each side (teacher None: no teacher used)
+    return {
+        "schema": SCHEMA_VERSION,
+        "method": run.method,
+        "ablation": run.ablation,
+        "method_config": config_dict(method_config),
+        "teacher": teacher,
+        "student": student,
+        "data": request.data if request.data in SOURCES else "file",
+        "data_digest": data.train,
+        "train": asdict(request.train),
+        "num_processes": num_processes,  # data-parallel processes: the global batch is batch_size x this
+        "evaluation": data.evaluation,
+        "eval_every": request.eval_every,
+        "selection": data.selection if request.eval_every else None,
+        "role": request.role,
+    }
+
+
+def _check_tokenizers(method: str, needs: Needs, same: bool, teacher: str, student: str) -> None:
+    if needs.tokenizers == "cross" and same:
+        raise UserError(
+            f"{method} is a cross-tokenizer method but {teacher} and {student} share one tokenizer; "
+            "use a same-vocabulary method (kd) for this pair, or a pair with different tokenizers"
+        )
+    if needs.tokenizers == "same" and not same:
+        raise UserError(
+            f"{method} needs one tokenizer on both sides but {teacher} and {student} tokenize differently; "
+            "use a cross-tokenizer method (token-kld, ...) for this pair"
+        )
+
+
+def _claim(request, p: PlannedRun, names: str, log) -> str:
+    """What to do with one run: "skipped" (finished), "running" (elsewhere), "train" or "score" (trained).
+
+    Takes the run's lock for "train" and "score"; a lock whose process is gone is taken over, and the
+    temp files of its killed writers are removed.
+    """
+    path, lock = p.path, p.lock
+    where = f"{p.run.label} {names}"
+    holder = None if (is_finished(path) and not request.force) else lock.acquire()
+    if holder is not None:
+        log(f"skip {where}: running elsewhere: {holder.describe()} (lock {lock.path})")
+        return "running"
+    if is_finished(path) and not request.force:  # (re-read under the lock: finished meanwhile)
+        lock.release()
+        log(f"skip {where}: finished record {path} (--force to redo)")
+        return "skipped"
+    if lock.taken_over is not None:
+        log(f"{where}: taking over the lock of {lock.taken_over.describe()}, which is gone")
+    _remove_dead_writers_files(path, request.checkpoint_dir, log)
+    record = read_run_record(path)
+    if request.force or record is None or record.status != "trained":
+        return "train"
+    if not p.checkpoint.student_dir.is_dir():
+        log(f"{where}: the trained student of {path.name} is gone; training again")
+        return "train"
+    return "score"
+
+
+def _remove_dead_writers_files(path: Path, checkpoint_dir: Path | None, log) -> None:
+    """Temp files of killed writers of this run's record and checkpoint (we hold the run's lock)."""
+    checkpoint = Checkpoint(path, 0, checkpoint_dir)
+    files = size = 0
+    for target in (path, path.with_name(path.stem + ".samples.jsonl"), checkpoint.path):
+        count, nbytes = remove_stale_temps(target)
+        files, size = files + count, size + nbytes
+    if files:
+        log(f"removed {files} partial file(s) of a killed writer of {path.name} ({size / 2**20:.1f} MB)")
+
+
+# ---------------------------------------------- pair: tokenizers, alignment, the training stream, the teacher
+
+
+@dataclass
+class PairContext:
+    """What every run of one pair shares: tokenizers, alignment artifacts, the training stream, the teacher."""
+
+    specs: tuple[zoo.ModelSpec | None, zoo.ModelSpec]
+    tokenizers: tuple[Any, Any]  # (student, teacher or None)
+    same: bool
+    examples_available: int = 0
+    stream: list[EncodedExample] = field(default_factory=list)
+    encoder: PairEncoder | None = None
+    vocab: SharedVocab | None = None
+    vocab_map: VocabMap | None = None
+    teacher: Any = None
+
+    @property
+    def names(self) -> str:
+        teacher, student = self.specs
+        return f"{teacher.short if teacher else 'none'}:{student.short}"
+
+
+def _prepare_pair(request, accelerator, pc: PairContext, planned: list[PlannedRun], examples) -> None:
+    """Alignment artifacts, the training stream and the teacher, as far as the runs to train need them."""
+    training = [p for p in planned if p.trained is None]
+    if not training:
+        return
+    train = request.train
+    student_tok, teacher_tok = pc.tokenizers
+    # every alignment artifact the runs name, built once for the pair (a slow one keeps its disk cache in
+    # zoo's folder); the encoder and collate build their per-example and per-batch values
+    names = set().union(*(p.needs.alignment for p in training)) if teacher_tok is not None else set()
+    pair = TokenizerPair(student_tok, teacher_tok, zoo.cache_dir(), progress=request.progress)
+    artifacts = build_pair_artifacts(names, pair)
+    # the two per-pair values that MethodContext hands to methods as fields
+    pc.vocab = artifacts.get("shared_vocab")
+    pc.vocab_map = getattr(artifacts.get("mined"), "vocab_map", None)
+    pc.examples_available = len(examples)
+    pc.encoder = PairEncoder(
+        student_tok,
+        teacher_tok if teacher_tok is not None else student_tok,
+        max_prompt_tokens=train.max_prompt_tokens,
+        max_length=train.max_length,
+        artifacts=artifacts,
+    )
+    count = train.steps * train.grad_accum * train.batch_size * accelerator.num_processes
+    pc.stream = training_stream(
+        examples, pc.encoder, count, train.seed, progress=request.progress and accelerator.is_main_process
+    )
+    if any(p.needs.teacher for p in training):
+        # a frozen teacher needs no fp32 master weights: bf16 on GPUs halves its memory
+        teacher_dtype = "bfloat16" if accelerator.mixed_precision == "bf16" else "float32"
+        teacher = zoo.load_model(pc.specs[0], seed=train.seed, dtype=teacher_dtype)
+        if any(p.needs.teacher_attentions for p in training):
+            teacher.set_attn_implementation("eager")
+        teacher.requires_grad_(False)
+        teacher.eval()
+        pc.teacher = teacher.to(accelerator.device)
+
+
+def training_stream(
+    examples: list, encoder: PairEncoder, count: int, seed: int, progress: bool = False
+) -> list[EncodedExample]:
+    """``count`` encoded examples in a seeded shuffled order, epoch after epoch; skips are counted."""
+    from tqdm.auto import tqdm
+
+    rng = random.Random(seed)
+    cache: dict[int, EncodedExample | None] = {}
+    stream: list[EncodedExample] = []
+    bar = tqdm(total=count, desc="tokenizing + aligning", unit="ex", disable=not progress, leave=False)
+    while len(stream) < count:
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        before = len(stream)
+        for index in order:
+            if index not in cache:  # each example is tokenized and aligned once
+                cache[index] = encoder.encode(examples[index])
+            if cache[index] is not None:
+                stream.append(cache[index])
+                bar.update(1)
+                if len(stream) == count:
+                    break
+        if len(stream) == before:
+            bar.close()
+            reasons = dict(encoder.stats.skipped)
+            knobs = [
+                flag
+                for flag, word in (("--max-prompt-length", "prompt longer"), ("--max-length", "no room"))
+                if any(word in reason for reason in reasons)
+            ]
+            raise UserError(
+                f"no usable training example: all {len(examples)} were skipped ({reasons}); "
+                f"raise {' or '.join(knobs) or '--max-length'} or use other data"
+            )
+    bar.close()
+    return stream
+
+
+# ----------------------------------------------------------------------- execute one run and write its record
+
+
+def _execute(request, accelerator, pc: PairContext, p: PlannedRun, log) -> RunOutcome:
+    """Train one planned run (unless only its scoring is left), write "trained", score, write "finished"."""
+    if p.trained is not None:
+        log(
+            f"{p.run.label} {pc.names}: trained before; scoring the kept student ({p.checkpoint.student_dir})"
+        )
+        record = p.trained
+        student = zoo.load_model(zoo.resolve(str(p.checkpoint.student_dir))).to(accelerator.device).eval()
+    else:
+        record = _new_record(request, pc, p)
+        progress = TrainProgress()
+        try:
+            result = train_one(
+                accelerator=accelerator,
+                run=p.run,
+                method_cls=p.cls,
+                method_config=p.config,
+                pair=pc,
+                request=request,
+                checkpoint=Checkpoint(p.path, request.checkpoint_every, request.checkpoint_dir),
+                progress=progress,
+            )
+        except Exception as err:
+            _release(accelerator)
+            return _failed(request, accelerator, pc, p, record, err, progress, log)
+        _release(accelerator)
+        accelerator.wait_for_everyone()
+        student = _record_training(request, accelerator, pc, p, record, result)
+    _score_and_finish(request, accelerator, pc, p, record, student)
+    log(
+        f"done {p.run.label} {pc.names}: "
+        + " ".join(f"{k}={v:.4f}" for k, v in record.losses["final"].items())
+        + f" | {record.cost['seconds_per_step']:.2f} s/step -> {p.path}"
+    )
+    return RunOutcome(
+        p.run.label, p.path, "finished", record.to_json(), student=student if request.keep_students else None
+    )
+
+
+def _new_record(request, pc: PairContext, p: PlannedRun) -> RunRecord:
+    """The record of a run about to train (status "running"): its identity, pair, data and settings."""
+    teacher_spec, student_spec = pc.specs
+    return RunRecord(
+        method=p.run.method,
+        ablation=p.run.ablation,
+        label=p.run.label,
+        role=request.role,
+        config_hash=p.digest,
+        identity=p.identity,
+        method_config=config_dict(p.config),
+        pair={
+            "teacher": zoo.model_info(teacher_spec) if teacher_spec else None,
+            "student": zoo.model_info(student_spec),
+            "same_tokenizer": pc.same,
+        },
+        data={
+            "name": request.data,
+            "data_dir": request.data_dir,
+            "digest": p.identity["data_digest"],
+            "split": "train",
+            "examples_available": pc.examples_available,
+            "examples_used": len(pc.stream),
+            "encoding": pc.encoder.stats.as_dict() if pc.encoder is not None else None,
+            "shared_vocab_size": len(pc.vocab) if pc.vocab else None,
+        },
+        train=asdict(request.train),
+        seed=request.train.seed,
+        versions=versions(),
+        git_commit=git_commit(),
+        started_at=now(),
+    )
+
+
+def _record_training(request, accelerator, pc: PairContext, p: PlannedRun, record: RunRecord, result):
+    """The training sections into the record; before a scoring, the student and a "trained" record to disk.
+
+    The training is then safe before the (long) scoring: a kill there costs no retraining. Returns the
+    student to score (merged, when it was trained with LoRA and saved).
+    """
+    record.losses, record.cost = result.losses, result.cost
+    record.trainable_parameters = result.trainable_parameters
+    record.selection, record.resumed_from_step = result.selection, result.resumed_from_step
+    student = result.student
+    if request.evaluation is not None and accelerator.is_main_process:
+        student = save_student(student, pc.tokenizers[0], p.checkpoint.student_dir)
+        record.mark("trained")
+        record.write(p.path)
+        p.checkpoint.path.unlink(missing_ok=True)
+    return student
+
+
+def _score_and_finish(
+    request, accelerator, pc: PairContext, p: PlannedRun, record: RunRecord, student
+) -> None:
+    """Score the student (with an evaluation), save it (with ``save_model``), write the finished record."""
+    student_tok = pc.tokenizers[0]
+    if request.evaluation is not None and accelerator.is_main_process:
+        from ctkd_bench.evaluation import evaluate
+        from ctkd_bench.scoring import eval_section
+
+        result = evaluate(student, student_tok, request.evaluation, progress=request.progress)
+        record.eval = eval_section(p.path, result)
+    if request.save_model is not None:
+        folder = Path(request.save_model) / p.path.stem
+        if accelerator.is_main_process:
+            save_student(student, student_tok, folder)
+        record.model_dir = str(folder)
+    record.mark("finished")
+    if accelerator.is_main_process:
+        record.write(p.path)
+        p.checkpoint.clear()
+
+
+def _failed(
+    request, accelerator, pc: PairContext, p: PlannedRun, record: RunRecord, err, progress, log
+) -> RunOutcome:
+    """A failed record (NaN/Inf loss, out of memory, or with keep_going any error): where and why."""
+    if isinstance(err, NonFiniteLoss):
+        failure = str(err)
+        record.failure_step, record.failure_terms = err.step, err.terms
+    elif _is_out_of_memory(err):
+        failure = f"out of memory: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+        record.failure_step = progress.step + 1
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    elif request.keep_going:
+        failure = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".strip()
+        record.failure_step = progress.step + 1
+    else:
+        raise err
+    last = progress.curve[-1] if progress.curve else {}
+    final = {k: v for k, v in last.items() if k not in ("step", "lr", "seconds")}
+    record.losses = {"final": final, "curve": progress.curve}
+    record.failure = failure
+    record.mark("failed")
+    if accelerator.is_main_process:
+        record.write(p.path)
+    log(f"FAILED {p.run.label} {pc.names}: {failure}; record {p.path}")
+    return RunOutcome(p.run.label, p.path, "failed", record.to_json())
+
+
+def _release(accelerator) -> None:
+    """Drop the accelerator's references to the finished run's model, optimizer and loader.
+
+    ``accelerator.prepare`` keeps them for its own bookkeeping; without this every run of a sweep or an
+    ablation in one process would keep its student and AdamW state alive until the process ends.
+    """
+    accelerator.free_memory()
+    gc.collect()
+
+
+def save_student(model, tokenizer, folder: Path):
+    """A plain Hugging Face folder (LoRA merged) that any ``--pair`` or ``eval`` accepts; returns the model.
+
+    A LoRA model is merged in place, so the returned (merged) model is the one to use afterwards.
+    """
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model
+
+
+# ------------------------------------------------------------------------------ train one student: the recipe
+
+
+@dataclass
+class TrainResult:
+    """What training one student yields: the model, and its record's training sections."""
+
+    student: nn.Module
+    losses: dict[str, Any]  # {"final", "curve", "terms", "weights"}
+    cost: dict[str, Any]
+    trainable_parameters: dict[str, int]
+    selection: dict[str, Any] | None = None  # the dev checkpoint selection (eval_every)
+    resumed_from_step: int | None = None
+
+
+def train_one(
+    *,
+    accelerator,
+    run: MethodRun,
+    method_cls: type[Distiller],
+    method_config: Any,
+    pair: PairContext,
+    request: RunRequest,
+    checkpoint: Checkpoint | None = None,
+    progress: TrainProgress | None = None,
+) -> TrainResult:
+    """Train one student with one method: set up, restore a checkpoint, the step loop, finish."""
+    recipe = StudentRecipe(accelerator, request, pair, progress)
+    recipe.setup(method_cls, method_config)
+    recipe.restore(checkpoint)
+    with PeakMemory(accelerator.device.type) as memory:  # the steps only (after a resume: the steps left)
+        recipe.train(f"{run.label} {pair.specs[1].short}", checkpoint)
+    return recipe.finish(memory)
+
+
+class StudentRecipe:
+    """One student trained with one method, in the steps of torchtune's KD recipe.
+
+    :meth:`setup` (student and method, optimizer and schedule, data loader), :meth:`restore` (a checkpoint
+    of this very run), :meth:`train` (the step loop: each :meth:`optimisation_step` is ``grad_accum``
+    :meth:`loss_step` calls, then logging, dev selection, checkpoints), :meth:`finish` (the record's
+    training sections). A NaN/Inf loss raises :class:`NonFiniteLoss`; it and out-of-memory errors go to
+    the caller, which records the run as failed from :attr:`progress`.
+    """
+
+    def __init__(
+        self, accelerator, request: RunRequest, pair: PairContext, progress: TrainProgress | None = None
+    ) -> None:
+        self.accelerator, self.request, self.pair = accelerator, request, pair
+        self.config = request.train
+        self.progress = progress if progress is not None else TrainProgress()  # the step and the loss curve
+        self.selection = DevSelection(request)
+        self.step_seconds: list[float] = []
+        self.teacher_seconds: list[float] = []
+        self.first_step = 1
+        self.resumed_from_step: int | None = None
+
+    @property
+    def student(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.trainee).student
+
+    # ------------------------------------------------------------------------------ setup
+
+    def setup(self, method_cls: type[Distiller], method_config: Any) -> None:
+        """The student and its method, AdamW with a cosine schedule, the loader; ``accelerate`` wraps them."""
+        torch.manual_seed(self.config.seed)
+        self._setup_model(method_cls, method_config)
+        self._setup_optimizer()
+        loader = self._setup_data()
+        self.trainee, self.optimizer, loader = self.accelerator.prepare(self.trainee, self.optimizer, loader)
+        self.batches: Iterator[DistillBatch] = iter(loader)
+
+    def _setup_model(self, method_cls: type[Distiller], method_config: Any) -> None:
+        config, pair = self.config, self.pair
+        student_tok, teacher_tok = pair.tokenizers
+        teacher = pair.teacher
+        student = zoo.load_model(pair.specs[1], seed=config.seed)
+        context = MethodContext(
+            student_config=student.config,
+            teacher_config=teacher.config if teacher is not None else None,
+            student_tokenizer=student_tok,
+            teacher_tokenizer=teacher_tok,
+            shared_vocab=pair.vocab,
+            same_tokenizer=pair.same,
+            vocab_map=pair.vocab_map,
+            student_embedding_scale=zoo.embedding_scale(student),
+            teacher_embedding_scale=zoo.embedding_scale(teacher) if teacher is not None else 1.0,
+        )
+        self.method = method_cls(method_config, context)
+        self.needs = self.method.requirements
+        if self.needs.student_attentions:
+            student.set_attn_implementation("eager")
+        if config.lora:
+            student = _apply_lora(student, config)
+        student.train()
+        self.student_params = [p for p in student.parameters() if p.requires_grad]
+        self.trainee = Trainee(student, self.method, zoo.vocab_size(student_tok))
+        self.teacher_vocab = zoo.vocab_size(teacher_tok) if teacher_tok is not None else 0
+
+    def _setup_optimizer(self) -> None:
+        from transformers import get_cosine_schedule_with_warmup
+
+        config = self.config
+        groups = [{"params": self.student_params, "lr": config.lr}] + self.method.optimizer_groups(config.lr)
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+        warmup = math.ceil(config.warmup_ratio * config.steps)
+        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, warmup, config.steps)
+
+    def _setup_data(self) -> torch.utils.data.DataLoader:
+        student_tok, teacher_tok = self.pair.tokenizers
+        return torch.utils.data.DataLoader(
+            self.pair.stream,
+            batch_size=self.config.batch_size,
+            shuffle=False,  # the stream is already in its seeded order, shared by every method
+            collate_fn=partial(
+                collate,
+                student_pad_id=student_tok.pad_token_id,
+                teacher_pad_id=teacher_tok.pad_token_id if teacher_tok is not None else 0,
+            ),
+        )
+
+    def restore(self, checkpoint: Checkpoint | None) -> None:
+        """Continue from ``checkpoint``'s step when there is one: weights, optimizer, schedule, curve, RNG."""
+        resumed = checkpoint.load() if checkpoint is not None else None
+        if resumed is None:
+            return
+        self.accelerator.unwrap_model(self.trainee).load_state_dict(resumed["trainee"])
+        self.optimizer.load_state_dict(resumed["optimizer"])
+        self.scheduler.load_state_dict(resumed["scheduler"])
+        self.step_seconds, self.teacher_seconds = resumed["step_seconds"], resumed["teacher_seconds"]
+        self.selection.load_state(resumed.get("selection"))
+        self.first_step = resumed["step"] + 1
+        for _ in range(resumed["step"] * self.config.grad_accum):  # the same batches, in the same order
+            next(self.batches)
+        torch.set_rng_state(resumed["rng"])
+        self.progress.step, self.progress.curve = resumed["step"], resumed["curve"]
+        self.resumed_from_step = resumed["step"]
+
+    # ------------------------------------------------------------------------------ steps
+
+    def loss_step(
+        self, step: int, batch: DistillBatch, teacher: ModelOutputs | None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The student's forward and the method's weighted loss on one batch; a NaN/Inf loss stops the run."""
+        loss, terms = self.trainee(batch, teacher)
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(step, {k: float(v.detach()) for k, v in terms.items()})
+        return loss, terms
+
+    def optimisation_step(self, step: int) -> tuple[dict[str, float], float]:
+        """One optimizer step over ``grad_accum`` batches: the mean of each term and the teacher's seconds."""
+        accelerator, config = self.accelerator, self.config
+        sums: dict[str, float] = {}
+        teacher_seconds = 0.0
+        for _ in range(config.grad_accum):
+            batch = next(self.batches).to(accelerator.device)
+            started = time.perf_counter()
+            teacher = None
+            if self.needs.teacher:
+                with accelerator.autocast():
+                    teacher = teacher_forward(self.pair.teacher, batch, self.needs, self.teacher_vocab)
+            teacher_seconds += time.perf_counter() - started
+            with accelerator.accumulate(self.trainee):
+                loss, terms = self.loss_step(step, batch, teacher)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(self.trainee.parameters(), config.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            for name, value in [("loss", loss), *terms.items()]:
+                sums[name] = sums.get(name, 0.0) + float(value.detach()) / config.grad_accum
+        self.scheduler.step()
+        if accelerator.num_processes > 1:  # log the mean over data-parallel processes
+            values = torch.tensor(list(sums.values()), device=accelerator.device)
+            means = accelerator.reduce(values, reduction="mean")
+            sums = dict(zip(sums, means.tolist()))
+        return sums, teacher_seconds
+
+    def train(self, desc: str, checkpoint: Checkpoint | None) -> None:
+        """The step loop: optimize, log, score on dev every ``eval_every`` steps, save a checkpoint when due."""
+        steps, eval_every = self.config.steps, self.request.eval_every
+        bar = _progress(self.request, steps, desc) if self.accelerator.is_main_process else None
+        if bar is not None and self.first_step > 1:
+            bar.update(self.first_step - 1)
+        for step in range(self.first_step, steps + 1):
+            started = time.perf_counter()
+            sums, teacher_seconds = self.optimisation_step(step)
+            self._log_step(step, sums, time.perf_counter() - started, teacher_seconds)
+            if bar is not None:
+                bar.set_postfix({k: f"{v:.3f}" for k, v in sums.items()}, refresh=False)
+                bar.update(1)
+            if eval_every and (step % eval_every == 0 or step == steps):
+                self.selection.observe(step, self.student, self.pair.tokenizers[0])
+            if checkpoint is not None and checkpoint.due(step, steps):
+                self.save_checkpoint(checkpoint, step)
+        if bar is not None:
+            bar.close()
+
+    def _log_step(self, step: int, sums: dict[str, float], seconds: float, teacher_seconds: float) -> None:
+        self.step_seconds.append(seconds)
+        self.teacher_seconds.append(teacher_seconds)
+        self.progress.curve.append(
+            {
+                "step": step,
+                **{k: round(v, 6) for k, v in sums.items()},
+                "lr": self.scheduler.get_last_lr()[0],
+                "seconds": round(seconds, 4),
+            }
+        )
+        self.progress.step = step
+
+    def save_checkpoint(self, checkpoint: Checkpoint, step: int) -> None:
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            checkpoint.save(
+                {
+                    "step": step,
+                    "trainee": self.accelerator.unwrap_model(self.trainee).state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "curve": self.progress.curve,
+                    "step_seconds": self.step_seconds,
+                    "teacher_seconds": self.teacher_seconds,
+                    "selection": self.selection.state(),
+                    "rng": torch.get_rng_state(),
+                }
+            )
+
+    # ------------------------------------------------------------------------------ finish
+
+    def finish(self, memory: PeakMemory) -> TrainResult:
+        """The best dev weights (with ``eval_every``) and the record's sections: losses, cost, parameters."""
+        self.selection.restore_best(self.student)
+        final = {k: v for k, v in self.progress.curve[-1].items() if k not in ("step", "lr", "seconds")}
+        method_params = self.method.optimizer_groups(self.config.lr)
+        return TrainResult(
+            student=self.student,
+            losses={
+                "final": final,
+                "curve": self.progress.curve,
+                "terms": sorted(k for k in final if k != "loss"),
+                "weights": self.method.loss_weights(),
+            },
+            cost=self._cost(memory),
+            trainable_parameters={
+                "student": sum(p.numel() for p in self.student_params),
+                "method": sum(p.numel() for g in method_params for p in g["params"]),
+            },
+            selection=self.selection.summary() if self.request.eval_every else None,
+            # after a resume, peak memory covers only the steps left; step times were kept in the checkpoint
+            resumed_from_step=self.resumed_from_step,
+        )
+
+    def _cost(self, memory: PeakMemory) -> dict[str, Any]:
+        steps, teacher = self.step_seconds, self.teacher_seconds
+        timed = steps[1:] if len(steps) > 1 else steps  # the first step warms up
+        teacher_timed = teacher[1:] if len(teacher) > 1 else teacher
+        accelerator = self.accelerator
+        return {
+            "seconds_per_step": sum(timed) / len(timed),
+            "teacher_seconds_per_step": sum(teacher_timed) / len(teacher_timed),
+            "first_step_seconds": steps[0],
+            "total_seconds": sum(steps),
+            "peak_memory_mb": memory.peak_bytes / 2**20,
+            "peak_memory_kind": memory.kind,
+            "device": str(accelerator.device),
+            "teacher_dtype": str(next(self.pair.teacher.parameters()).dtype).replace("torch.", "")
+            if self.needs.teacher
+            else None,
+            "mixed_precision": accelerator.mixed_precision,
+            "num_processes": accelerator.num_processes,
+        }
+
+
+@dataclass
+class TrainProgress:
+    """How far a run got (the last finished step and the loss curve): a failed record keeps both."""
+
+    step: int = 0
+    curve: list[dict[str, float]] = field(default_factory=list)
+
+
+class NonFiniteLoss(RuntimeError):
+    """A NaN or Inf loss: the run fails at ``step`` with the value of each term."""
+
+    def __init__(self, step: int, terms: dict[str, float]) -> None:
+        super().__init__(f"non-finite loss at step {step}: {terms}")
+        self.step, self.terms = step, terms
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    return isinstance(err, (RuntimeError, MemoryError)) and (
+        isinstance(err, MemoryError) or "out of memory" in str(err).lower()
+    )
+
+
+class Checkpoint:
+    """The training state of one run, saved every N steps so that a killed run resumes where it was.
+
+    One file per run record (``RESULTS/.checkpoints/<record stem>.pt``; the stem holds the config hash, so
+    a checkpoint is only ever resumed by the very same run). Written through a temp file and
+    ``os.replace``: a kill while saving leaves the previous checkpoint intact (the run's lock guarantees
+    one writer, so a temp file found when the run starts is a killed writer's and is removed). Deleted once
+    the run's record is written. :attr:`student_dir` keeps a trained student until it is scored.
+    """
+
+    def __init__(self, record_path: Path, every: int, root: Path | None = None) -> None:
+        self.every = every
+        folder = Path(root).expanduser() if root is not None else record_path.parent / ".checkpoints"
+        self.path = folder / (record_path.stem + ".pt")
+        self.student_dir = self.path.with_suffix(".student")
+
+    def due(self, step: int, last: int) -> bool:
+        return self.every > 0 and step % self.every == 0 and step < last
+
+    def load(self) -> dict[str, Any] | None:
+        if self.every <= 0 or not self.path.exists():
+            return None
+        try:
+            return torch.load(self.path, map_location="cpu", weights_only=False)
+        except Exception as err:  # a corrupt checkpoint costs the run, never the sweep
+            raise UserError(
+                f"checkpoint {self.path} cannot be read ({type(err).__name__}); delete it to restart that run"
+            ) from None
+
+    def save(self, state: dict[str, Any]) -> None:
+        torch_save_atomic(self.path, state)
+
+    def clear(self) -> None:
+        import shutil
+
+        self.path.unlink(missing_ok=True)
+        shutil.rmtree(self.student_dir, ignore_errors=True)
+
+
+class DevSelection:
+    """Checkpoint selection on ``dolly`` dev ROUGE-L (never on a test set): keeps the best weights seen."""
+
+    def __init__(self, request: RunRequest) -> None:
+        self.enabled = bool(request.eval_every)
+        self.config = None
+        if self.enabled:
+            from dataclasses import replace as dc_replace
+
+            from ctkd_bench.evaluation import EvalConfig
+
+            base = request.selection or request.evaluation or EvalConfig(data_dir=request.data_dir)
+            self.config = dc_replace(base, tasks=("dolly_dev",), seeds=base.seeds[:1])
+        self.curve: list[dict[str, float]] = []
+        self.best: tuple[int, float, dict[str, torch.Tensor]] | None = None
+
+    def observe(self, step: int, student, tokenizer) -> None:
+        from ctkd_bench.evaluation import evaluate
+
+        result = evaluate(student, tokenizer, self.config, progress=False)
+        score = result.tasks["dolly_dev"].mean
+        self.curve.append({"step": step, "dolly_dev_rougeL": score})
+        if self.best is None or score > self.best[1]:
+            state = {k: v.detach().to("cpu", copy=True) for k, v in student.state_dict().items()}
+            self.best = (step, score, state)
+
+    def state(self) -> dict[str, Any] | None:
+        return {"curve": self.curve, "best": self.best} if self.enabled else None
+
+    def load_state(self, state: dict[str, Any] | None) -> None:
+        if state is not None:
+            self.curve, self.best = state["curve"], state["best"]
+
+    def restore_best(self, student) -> None:
+        if self.best is not None:
+            student.load_state_dict(self.best[2])
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "metric": "dolly_dev rougeL",
+            "best_step": self.best[0] if self.best else None,
+            "best_score": self.best[1] if self.best else None,
+            "curve": self.curve,
+            "config": asdict(self.config) if self.config is not None else None,
+        }
+
+
+def _progress(request: RunRequest, total: int, desc: str):
+    if not request.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
+
+
+def _apply_lora(student, train: TrainConfig):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=train.lora,
+        lora_alpha=train.lora_alpha,
+        lora_dropout=train.lora_dropout,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(student, config)
+
+
+# -------------------------------------------------------------------- models: forward passes, devices, memory
+
+
+class Trainee(nn.Module):
+    """Student + method in one module, so that ``accelerate`` wraps (and syncs) both together."""
+
+    def __init__(self, student: nn.Module, method: Distiller, vocab: int) -> None:
+        super().__init__()
+        self.student = student
+        self.method = method
+        self.vocab = vocab
+
+    def forward(
+        self, batch: DistillBatch, teacher: ModelOutputs | None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        needs = self.method.requirements
+        out = self.student(
+            input_ids=batch.student.input_ids,
+            attention_mask=batch.student.attention_mask,
+            output_hidden_states=needs.student_hidden_states,
+            output_attentions=needs.student_attentions,
+            use_cache=False,
+        )
+        if needs.student_attentions:
+            _check_attentions(out, "student")
+        student = _outputs(self.student, out, self.vocab, with_logits=True)
+        terms = {"ce": response_cross_entropy(student.logits, batch.student.labels)}
+        terms.update(self.method(batch, student, teacher))
+        weights = self.method.loss_weights()
+        missing = set(weights) - set(terms)
+        if missing:
+            raise RuntimeError(
+                f"method {self.method.name!r} weights terms it did not return: {sorted(missing)}"
+            )
+        loss = sum(weights[name] * terms[name] for name in weights)
+        return loss, terms
+
+
+def teacher_forward(teacher, batch: DistillBatch, needs: Needs, vocab: int) -> ModelOutputs:
+    """The teacher's outputs that ``needs`` asks for, without gradients, on its own tokenization."""
+    kwargs: dict[str, Any] = {}
+    if "logits_to_keep" in inspect.signature(teacher.forward).parameters:
+        # 0 keeps every position; 1 computes the (262k-wide) head for the last position only, when the
+        # method reads hidden states and applies the head itself to the rows it needs.
+        kwargs["logits_to_keep"] = 0 if needs.teacher_logits else 1
+    with torch.no_grad():
+        out = teacher(
+            input_ids=batch.teacher.input_ids,
+            attention_mask=batch.teacher.attention_mask,
+            output_hidden_states=needs.teacher_hidden_states,
+            output_attentions=needs.teacher_attentions,
+            use_cache=False,
+            **kwargs,
+        )
+    if needs.teacher_attentions:
+        _check_attentions(out, "teacher")
+    return _outputs(teacher, out, vocab, with_logits=needs.teacher_logits)
+
+
+def _outputs(model, out, vocab: int, with_logits: bool) -> ModelOutputs:
+    return ModelOutputs(
+        logits=out.logits[..., :vocab] if with_logits else None,
+        hidden_states=out.hidden_states,
+        attentions=out.attentions,
+        head=partial(lm_head_logits, model, vocab_size=vocab),
+        vocab_size=vocab,
+        input_embeddings=model.get_input_embeddings().weight[:vocab],
+        output_embeddings=model.get_output_embeddings().weight[:vocab],
+    )
+
+
+def _check_attentions(out, who: str) -> None:
+    if out.attentions is None or any(a is None for a in out.attentions):
+        raise RuntimeError(
+            f"the {who} returned no attention weights although the method needs them; "
+            "it must run with attn_implementation='eager'"
+        )
 
 
 def resolve_device(device: str) -> str:
@@ -192,902 +1301,7 @@ class PeakMemory:
                 self._thread.join()
 
 
-# ------------------------------------------------------------------------------ forward passes
-
-
-def _outputs(model, out, vocab: int, with_logits: bool) -> ModelOutputs:
-    return ModelOutputs(
-        logits=out.logits[..., :vocab] if with_logits else None,
-        hidden_states=out.hidden_states,
-        attentions=out.attentions,
-        head=partial(lm_head_logits, model, vocab_size=vocab),
-        vocab_size=vocab,
-        input_embeddings=model.get_input_embeddings().weight[:vocab],
-        output_embeddings=model.get_output_embeddings().weight[:vocab],
-    )
-
-
-def _check_attentions(out, who: str) -> None:
-    if out.attentions is None or any(a is None for a in out.attentions):
-        raise RuntimeError(
-            f"the {who} returned no attention weights although the method needs them; "
-            "it must run with attn_implementation='eager'"
-        )
-
-
-def teacher_forward(teacher, batch: DistillBatch, needs: Needs, vocab: int) -> ModelOutputs:
-    """The teacher's outputs that ``needs`` asks for, without gradients, on its own tokenization."""
-    kwargs: dict[str, Any] = {}
-    if "logits_to_keep" in inspect.signature(teacher.forward).parameters:
-        # 0 keeps every position; 1 computes the (262k-wide) head for the last position only, when the
-        # method reads hidden states and applies the head itself to the rows it needs.
-        kwargs["logits_to_keep"] = 0 if needs.teacher_logits else 1
-    with torch.no_grad():
-        out = teacher(
-            input_ids=batch.teacher.input_ids,
-            attention_mask=batch.teacher.attention_mask,
-            output_hidden_states=needs.teacher_hidden_states,
-            output_attentions=needs.teacher_attentions,
-            use_cache=False,
-            **kwargs,
-        )
-    if needs.teacher_attentions:
-        _check_attentions(out, "teacher")
-    return _outputs(teacher, out, vocab, with_logits=needs.teacher_logits)
-
-
-class Trainee(nn.Module):
-    """Student + method in one module, so that ``accelerate`` wraps (and syncs) both together."""
-
-    def __init__(self, student: nn.Module, method: Distiller, vocab: int) -> None:
-        super().__init__()
-        self.student = student
-        self.method = method
-        self.vocab = vocab
-
-    def forward(
-        self, batch: DistillBatch, teacher: ModelOutputs | None
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        needs = self.method.requirements
-        out = self.student(
-            input_ids=batch.student.input_ids,
-            attention_mask=batch.student.attention_mask,
-            output_hidden_states=needs.student_hidden_states,
-            output_attentions=needs.student_attentions,
-            use_cache=False,
-        )
-        if needs.student_attentions:
-            _check_attentions(out, "student")
-        student = _outputs(self.student, out, self.vocab, with_logits=True)
-        terms = {"ce": response_cross_entropy(student.logits, batch.student.labels)}
-        terms.update(self.method(batch, student, teacher))
-        weights = self.method.loss_weights()
-        missing = set(weights) - set(terms)
-        if missing:
-            raise RuntimeError(
-                f"method {self.method.name!r} weights terms it did not return: {sorted(missing)}"
-            )
-        loss = sum(weights[name] * terms[name] for name in weights)
-        return loss, terms
-
-
-# ------------------------------------------------------------------------------------- data
-
-
-def training_stream(
-    examples: list, encoder: PairEncoder, count: int, seed: int, progress: bool = False
-) -> list[EncodedExample]:
-    """``count`` encoded examples in a seeded shuffled order, epoch after epoch; skips are counted."""
-    from tqdm.auto import tqdm
-
-    rng = random.Random(seed)
-    cache: dict[int, EncodedExample | None] = {}
-    stream: list[EncodedExample] = []
-    bar = tqdm(total=count, desc="tokenizing + aligning", unit="ex", disable=not progress, leave=False)
-    while len(stream) < count:
-        order = list(range(len(examples)))
-        rng.shuffle(order)
-        before = len(stream)
-        for index in order:
-            if index not in cache:  # each example is tokenized and aligned once
-                cache[index] = encoder.encode(examples[index])
-            if cache[index] is not None:
-                stream.append(cache[index])
-                bar.update(1)
-                if len(stream) == count:
-                    break
-        if len(stream) == before:
-            bar.close()
-            reasons = dict(encoder.stats.skipped)
-            knobs = [
-                flag
-                for flag, word in (("--max-prompt-length", "prompt longer"), ("--max-length", "no room"))
-                if any(word in reason for reason in reasons)
-            ]
-            raise UserError(
-                f"no usable training example: all {len(examples)} were skipped ({reasons}); "
-                f"raise {' or '.join(knobs) or '--max-length'} or use other data"
-            )
-    bar.close()
-    return stream
-
-
-# ------------------------------------------------------------------------------------- training
-
-
-@dataclass(frozen=True)
-class DataIdentity:
-    """The contents a request reads, as digests: the training split and every evaluation set."""
-
-    train: str
-    evaluation: dict[str, Any] | None = None  # evaluation.eval_identity of request.evaluation
-    selection: dict[str, Any] | None = None  # the same for the dev selection (eval_every)
-
-
-def _identity(
-    num_processes: int,
-    run: MethodRun,
-    method_config: Any,
-    models: tuple[Any, Any],
-    request: RunRequest,
-    data: DataIdentity,
-) -> dict[str, Any]:
-    """Everything that changes a run's numbers, and nothing else (no path: data and local models by content)."""
-    teacher, student = models  # zoo.model_identity of each side (teacher None: no teacher used)
-    return {
-        "schema": SCHEMA_VERSION,
-        "method": run.method,
-        "ablation": run.ablation,
-        "method_config": config_dict(method_config),
-        "teacher": teacher,
-        "student": student,
-        "data": request.data if request.data in SOURCES else "file",
-        "data_digest": data.train,
-        "train": asdict(request.train),
-        "num_processes": num_processes,  # data-parallel processes: the global batch is batch_size x this
-        "evaluation": data.evaluation,
-        "eval_every": request.eval_every,
-        "selection": data.selection if request.eval_every else None,
-        "role": request.role,
-    }
-
-
-def _apply_lora(student, train: TrainConfig):
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(
-        r=train.lora,
-        lora_alpha=train.lora_alpha,
-        lora_dropout=train.lora_dropout,
-        target_modules="all-linear",
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(student, config)
-
-
-def save_student(model, tokenizer, folder: Path):
-    """A plain Hugging Face folder (LoRA merged) that any ``--pair`` or ``eval`` accepts; returns the model.
-
-    A LoRA model is merged in place, so the returned (merged) model is the one to use afterwards.
-    """
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return model
-
-
-class NonFiniteLoss(RuntimeError):
-    """A NaN or Inf loss: the run fails at ``step`` with the value of each term."""
-
-    def __init__(self, step: int, terms: dict[str, float]) -> None:
-        super().__init__(f"non-finite loss at step {step}: {terms}")
-        self.step, self.terms = step, terms
-
-
-def _is_out_of_memory(err: BaseException) -> bool:
-    if isinstance(err, torch.OutOfMemoryError):
-        return True
-    return isinstance(err, (RuntimeError, MemoryError)) and (
-        isinstance(err, MemoryError) or "out of memory" in str(err).lower()
-    )
-
-
-class Checkpoint:
-    """The training state of one run, saved every N steps so that a killed run resumes where it was.
-
-    One file per run record (``RESULTS/.checkpoints/<record stem>.pt``; the stem holds the config hash, so
-    a checkpoint is only ever resumed by the very same run). Written through a temp file and
-    ``os.replace``: a kill while saving leaves the previous checkpoint intact (the run's lock guarantees
-    one writer, so a temp file found when the run starts is a killed writer's and is removed). Deleted once
-    the run's record is written. :attr:`student_dir` keeps a trained student until it is scored.
-    """
-
-    def __init__(self, record_path: Path, every: int, root: Path | None = None) -> None:
-        self.every = every
-        folder = Path(root).expanduser() if root is not None else record_path.parent / ".checkpoints"
-        self.path = folder / (record_path.stem + ".pt")
-        self.student_dir = self.path.with_suffix(".student")
-
-    def due(self, step: int, last: int) -> bool:
-        return self.every > 0 and step % self.every == 0 and step < last
-
-    def load(self) -> dict[str, Any] | None:
-        if self.every <= 0 or not self.path.exists():
-            return None
-        try:
-            return torch.load(self.path, map_location="cpu", weights_only=False)
-        except Exception as err:  # a corrupt checkpoint costs the run, never the sweep
-            raise UserError(
-                f"checkpoint {self.path} cannot be read ({type(err).__name__}); delete it to restart that run"
-            ) from None
-
-    def save(self, state: dict[str, Any]) -> None:
-        torch_save_atomic(self.path, state)
-
-    def clear(self) -> None:
-        import shutil
-
-        self.path.unlink(missing_ok=True)
-        shutil.rmtree(self.student_dir, ignore_errors=True)
-
-
-@dataclass
-class TrainProgress:
-    """How far a run got (the last finished step and the loss curve): a failed record keeps both."""
-
-    step: int = 0
-    curve: list[dict[str, float]] = field(default_factory=list)
-
-
-def train_one(
-    *,
-    accelerator,
-    run: MethodRun,
-    method_cls: type[Distiller],
-    method_config: Any,
-    pair: PairContext,
-    request: RunRequest,
-    checkpoint: Checkpoint | None = None,
-    progress: TrainProgress | None = None,
-) -> dict[str, Any]:
-    """Train one student with one method; returns the record body (losses, cost)."""
-    train = request.train
-    student_tok, teacher_tok = pair.tokenizers
-    teacher, student_spec = pair.teacher, pair.specs[1]
-    vocab, vocab_map, same, stream = pair.vocab, pair.vocab_map, pair.same, pair.stream
-    progress = progress if progress is not None else TrainProgress()
-    torch.manual_seed(train.seed)
-    student = zoo.load_model(student_spec, seed=train.seed)
-    context = MethodContext(
-        student_config=student.config,
-        teacher_config=teacher.config if teacher is not None else None,
-        student_tokenizer=student_tok,
-        teacher_tokenizer=teacher_tok,
-        shared_vocab=vocab,
-        same_tokenizer=same,
-        vocab_map=vocab_map,
-        student_embedding_scale=zoo.embedding_scale(student),
-        teacher_embedding_scale=zoo.embedding_scale(teacher) if teacher is not None else 1.0,
-    )
-    method = method_cls(method_config, context)
-    needs = method.requirements
-    if needs.student_attentions:
-        student.set_attn_implementation("eager")
-    if train.lora:
-        student = _apply_lora(student, train)
-    student.train()
-    trainee = Trainee(student, method, zoo.vocab_size(student_tok))
-
-    student_params = [p for p in student.parameters() if p.requires_grad]
-    groups = [{"params": student_params, "lr": train.lr}] + method.optimizer_groups(train.lr)
-    optimizer = torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay)
-    from transformers import get_cosine_schedule_with_warmup
-
-    scheduler = get_cosine_schedule_with_warmup(
-        optimizer, math.ceil(train.warmup_ratio * train.steps), train.steps
-    )
-    loader = torch.utils.data.DataLoader(
-        stream,
-        batch_size=train.batch_size,
-        shuffle=False,
-        collate_fn=partial(
-            collate,
-            student_pad_id=student_tok.pad_token_id,
-            teacher_pad_id=teacher_tok.pad_token_id if teacher_tok is not None else 0,
-        ),
-    )
-    trainee, optimizer, loader = accelerator.prepare(trainee, optimizer, loader)
-    teacher_vocab = zoo.vocab_size(teacher_tok) if teacher_tok is not None else 0
-
-    selection = DevSelection(request)
-    curve: list[dict[str, float]] = []
-    step_seconds: list[float] = []
-    teacher_seconds: list[float] = []
-    batches: Iterator[DistillBatch] = iter(loader)
-    resumed = checkpoint.load() if checkpoint is not None else None
-    first = 1
-    if resumed is not None:
-        accelerator.unwrap_model(trainee).load_state_dict(resumed["trainee"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        scheduler.load_state_dict(resumed["scheduler"])
-        curve, step_seconds, teacher_seconds = (
-            resumed["curve"],
-            resumed["step_seconds"],
-            resumed["teacher_seconds"],
-        )
-        selection.load_state(resumed.get("selection"))
-        first = resumed["step"] + 1
-        for _ in range(resumed["step"] * train.grad_accum):  # the same batches, in the same order
-            next(batches)
-        torch.set_rng_state(resumed["rng"])
-        progress.step, progress.curve = resumed["step"], curve
-    bar = (
-        _progress(request, train.steps, f"{run.label} {student_spec.short}")
-        if accelerator.is_main_process
-        else None
-    )
-    if bar is not None and first > 1:
-        bar.update(first - 1)
-    device = accelerator.device
-    with PeakMemory(device.type) as memory:
-        for step in range(first, train.steps + 1):
-            started = time.perf_counter()
-            sums: dict[str, float] = {}
-            t_time = 0.0
-            for _ in range(train.grad_accum):
-                batch = next(batches).to(device)
-                t0 = time.perf_counter()
-                t_out = None
-                if needs.teacher:
-                    with accelerator.autocast():
-                        t_out = teacher_forward(teacher, batch, needs, teacher_vocab)
-                t_time += time.perf_counter() - t0
-                with accelerator.accumulate(trainee):
-                    loss, terms = trainee(batch, t_out)
-                    if not torch.isfinite(loss):
-                        raise NonFiniteLoss(step, {k: float(v.detach()) for k, v in terms.items()})
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(trainee.parameters(), train.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                for name, value in [("loss", loss), *terms.items()]:
-                    sums[name] = sums.get(name, 0.0) + float(value.detach()) / train.grad_accum
-            scheduler.step()
-            if accelerator.num_processes > 1:  # log the mean over data-parallel processes
-                means = accelerator.reduce(torch.tensor(list(sums.values()), device=device), reduction="mean")
-                sums = dict(zip(sums, means.tolist()))
-            elapsed = time.perf_counter() - started
-            step_seconds.append(elapsed)
-            teacher_seconds.append(t_time)
-            curve.append(
-                {
-                    "step": step,
-                    **{k: round(v, 6) for k, v in sums.items()},
-                    "lr": scheduler.get_last_lr()[0],
-                    "seconds": round(elapsed, 4),
-                }
-            )
-            progress.step, progress.curve = step, curve
-            if bar is not None:
-                bar.set_postfix({k: f"{v:.3f}" for k, v in sums.items()}, refresh=False)
-                bar.update(1)
-            if request.eval_every and (step % request.eval_every == 0 or step == train.steps):
-                selection.observe(step, accelerator.unwrap_model(trainee).student, student_tok)
-            if checkpoint is not None and checkpoint.due(step, train.steps):
-                accelerator.wait_for_everyone()
-                if accelerator.is_main_process:
-                    checkpoint.save(
-                        {
-                            "step": step,
-                            "trainee": accelerator.unwrap_model(trainee).state_dict(),
-                            "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(),
-                            "curve": curve,
-                            "step_seconds": step_seconds,
-                            "teacher_seconds": teacher_seconds,
-                            "selection": selection.state(),
-                            "rng": torch.get_rng_state(),
-                        }
-                    )
-    if bar is not None:
-        bar.close()
-    selection.restore_best(accelerator.unwrap_model(trainee).student)
-
-    timed = step_seconds[1:] if len(step_seconds) > 1 else step_seconds  # the first step warms up
-    t_timed = teacher_seconds[1:] if len(teacher_seconds) > 1 else teacher_seconds
-    final = {k: v for k, v in curve[-1].items() if k not in ("step", "lr", "seconds")}
-    body: dict[str, Any] = {
-        "losses": {
-            "final": final,
-            "curve": curve,
-            "terms": sorted(k for k in final if k != "loss"),
-            "weights": method.loss_weights(),
-        },
-        "cost": {
-            "seconds_per_step": sum(timed) / len(timed),
-            "teacher_seconds_per_step": sum(t_timed) / len(t_timed),
-            "first_step_seconds": step_seconds[0],
-            "total_seconds": sum(step_seconds),
-            "peak_memory_mb": memory.peak_bytes / 2**20,
-            "peak_memory_kind": memory.kind,
-            "device": str(device),
-            "teacher_dtype": str(next(teacher.parameters()).dtype).replace("torch.", "")
-            if needs.teacher
-            else None,
-            "mixed_precision": accelerator.mixed_precision,
-            "num_processes": accelerator.num_processes,
-        },
-        "trainable_parameters": {
-            "student": sum(p.numel() for p in student_params),
-            "method": sum(p.numel() for g in method.optimizer_groups(train.lr) for p in g["params"]),
-        },
-    }
-    if request.eval_every:
-        body["selection"] = selection.summary()
-    if resumed is not None:
-        # peak memory covers only the steps after the resume; step times were kept in the checkpoint
-        body["resumed_from_step"] = resumed["step"]
-    unwrapped = accelerator.unwrap_model(trainee)
-    body["_student"] = unwrapped.student
-    return body
-
-
-class DevSelection:
-    """Checkpoint selection on ``dolly`` dev ROUGE-L (never on a test set): keeps the best weights seen."""
-
-    def __init__(self, request: RunRequest) -> None:
-        self.enabled = bool(request.eval_every)
-        self.config = None
-        if self.enabled:
-            from dataclasses import replace as dc_replace
-
-            from ctkd_bench.evaluation import EvalConfig
-
-            base = request.selection or request.evaluation or EvalConfig(data_dir=request.data_dir)
-            self.config = dc_replace(base, tasks=("dolly_dev",), seeds=base.seeds[:1])
-        self.curve: list[dict[str, float]] = []
-        self.best: tuple[int, float, dict[str, torch.Tensor]] | None = None
-
-    def observe(self, step: int, student, tokenizer) -> None:
-        from ctkd_bench.evaluation import evaluate
-
-        result = evaluate(student, tokenizer, self.config, progress=False)
-        score = result.tasks["dolly_dev"].mean
-        self.curve.append({"step": step, "dolly_dev_rougeL": score})
-        if self.best is None or score > self.best[1]:
-            state = {k: v.detach().to("cpu", copy=True) for k, v in student.state_dict().items()}
-            self.best = (step, score, state)
-
-    def state(self) -> dict[str, Any] | None:
-        return {"curve": self.curve, "best": self.best} if self.enabled else None
-
-    def load_state(self, state: dict[str, Any] | None) -> None:
-        if state is not None:
-            self.curve, self.best = state["curve"], state["best"]
-
-    def restore_best(self, student) -> None:
-        if self.best is not None:
-            student.load_state_dict(self.best[2])
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "metric": "dolly_dev rougeL",
-            "best_step": self.best[0] if self.best else None,
-            "best_score": self.best[1] if self.best else None,
-            "curve": self.curve,
-            "config": asdict(self.config) if self.config is not None else None,
-        }
-
-
-def _progress(request: RunRequest, total: int, desc: str):
-    if not request.progress:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
-
-
-# ----------------------------------------------------------------------------------------- run
-
-
-def _check_tokenizers(method: str, needs: Needs, same: bool, teacher: str, student: str) -> None:
-    if needs.tokenizers == "cross" and same:
-        raise UserError(
-            f"{method} is a cross-tokenizer method but {teacher} and {student} share one tokenizer; "
-            "use a same-vocabulary method (kd) for this pair, or a pair with different tokenizers"
-        )
-    if needs.tokenizers == "same" and not same:
-        raise UserError(
-            f"{method} needs one tokenizer on both sides but {teacher} and {student} tokenize differently; "
-            "use a cross-tokenizer method (token-kld, ...) for this pair"
-        )
-
-
-def _release(accelerator) -> None:
-    """Drop the accelerator's references to the finished run's model, optimizer and loader.
-
-    ``accelerator.prepare`` keeps them for its own bookkeeping; without this every run of a sweep or an
-    ablation in one process would keep its student and AdamW state alive until the process ends.
-    """
-    accelerator.free_memory()
-    gc.collect()
-
-
-def resolve_methods(runs: list[MethodRun]) -> list[tuple[MethodRun, type[Distiller], Any]]:
-    """Each run's method class and config; unknown names and bad settings fail here, before any load.
-
-    A method validates its settings in its config (``__post_init__``) or in :meth:`Distiller.needs`; both
-    run here, so a bad value is one line naming the setting before a model or data set is read.
-    """
-    resolved = []
-    for run_ in runs:
-        cls = get_method(run_.method)
-        config = apply_overrides(cls.Config(), run_.overrides, run_.method)
-        cls.needs(config)
-        resolved.append((run_, cls, config))
-    return resolved
-
-
-def _data_identity(request: RunRequest, examples: list) -> DataIdentity:
-    """The digests of the training split and of the evaluation sets (which fail now if missing)."""
-    evaluation = selection = None
-    if request.evaluation is not None or request.eval_every:
-        from ctkd_bench.evaluation import check_data, eval_identity
-
-        if request.evaluation is not None:
-            evaluation = eval_identity(request.evaluation, check_data(request.evaluation))
-        if request.eval_every:
-            config = DevSelection(request).config
-            selection = eval_identity(config, check_data(config))
-    return DataIdentity(examples_digest(examples), evaluation, selection)
-
-
-def run(request: RunRequest, log=print) -> list[RunOutcome]:
-    """Run every method on every pair; returns one outcome per (pair, method)."""
-    request.train.validate()
-    device = resolve_device(request.device)
-    if request.eval_every < 0:
-        raise UserError(f"--eval-every must be >= 0, got {request.eval_every}")
-    if request.checkpoint_every < 0:
-        raise UserError(f"--checkpoint-every must be >= 0, got {request.checkpoint_every}")
-    resolved = resolve_methods(request.methods)
-    examples = load_examples(request.data, "train", request.data_dir)
-    data = _data_identity(request, examples)  # evaluation data errors come before training, not after
-    if not request.progress:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    accelerator = make_accelerator(device, request.train.grad_accum)
-    if request.eval_every and accelerator.num_processes > 1:
-        raise UserError(
-            "--eval-every needs a single process; train data-parallel without it and score the saved "
-            "students afterwards with `ctkd-bench eval --model FOLDER`"
-        )
-    if not accelerator.is_main_process:  # data-parallel workers train; only the main process reports
-
-        def log(*_args, **_kwargs) -> None:
-            return None
-
-    outcomes: list[RunOutcome] = []
-    for pair in request.pairs:
-        outcomes.extend(_run_pair(request, accelerator, pair, resolved, examples, data, log))
-    return outcomes
-
-
-@dataclass
-class PlannedRun:
-    """A run this process will do: it holds the run's lock until its record is written."""
-
-    run: MethodRun
-    cls: type[Distiller]
-    config: Any
-    needs: Needs
-    identity: dict[str, Any]
-    digest: str
-    path: Path
-    lock: RunLock
-    trained: dict[str, Any] | None = None  # a "trained" record whose student waits to be scored
-    checkpoint_root: Path | None = None  # RunRequest.checkpoint_dir
-
-    @property
-    def checkpoint(self) -> Checkpoint:
-        return Checkpoint(self.path, 0, self.checkpoint_root)
-
-
-@dataclass
-class PairContext:
-    """What every run of one pair shares: tokenizers, alignment artifacts, the training stream, the teacher."""
-
-    specs: tuple[zoo.ModelSpec | None, zoo.ModelSpec]
-    tokenizers: tuple[Any, Any]  # (student, teacher or None)
-    same: bool
-    examples_available: int = 0
-    stream: list[EncodedExample] = field(default_factory=list)
-    encoder: PairEncoder | None = None
-    vocab: SharedVocab | None = None
-    vocab_map: VocabMap | None = None
-    teacher: Any = None
-
-    @property
-    def names(self) -> str:
-        teacher, student = self.specs
-        return f"{teacher.short if teacher else 'none'}:{student.short}"
-
-
-def _run_pair(request, accelerator, pair, resolved, examples, data, log) -> list[RunOutcome]:
-    teacher_spec, student_spec = pair
-    student_tok = zoo.load_tokenizer(student_spec)
-    teacher_tok = zoo.load_tokenizer(teacher_spec) if teacher_spec is not None else None
-    same = teacher_tok is not None and zoo.same_tokenizer(student_tok, teacher_tok)
-    pc = PairContext(specs=pair, tokenizers=(student_tok, teacher_tok), same=same)
-    planned, outcomes = _plan(request, accelerator, pc, resolved, data, log)
-    if not planned:
-        return outcomes
-    try:
-        _prepare_pair(request, accelerator, pc, planned, examples)
-        for planned_run in planned:
-            outcomes.append(_execute(request, accelerator, pc, planned_run, log))
-            planned_run.lock.release()
-    finally:
-        for planned_run in planned:
-            planned_run.lock.release()
-    return outcomes
-
-
-def _plan(request, accelerator, pc: PairContext, resolved, data, log) -> tuple[list[PlannedRun], list]:
-    """Which runs of the pair to do: identity and record path of each; skip, lock, clean up, resume.
-
-    The main process decides (it alone takes the locks) and tells the data-parallel workers.
-    """
-    teacher_spec, student_spec = pc.specs
-    teacher_id = zoo.model_identity(teacher_spec) if teacher_spec is not None else None
-    student_id = zoo.model_identity(student_spec)
-    candidates = []
-    for run_, cls, cfg in resolved:
-        needs = cls.needs(cfg)
-        if needs.teacher and pc.tokenizers[1] is None:
-            raise UserError(f"{run_.method} needs a teacher; give a pair TEACHER:STUDENT")
-        if needs.teacher:
-            _check_tokenizers(run_.method, needs, pc.same, *pc.names.split(":"))
-        models = (teacher_id if needs.teacher else None, student_id)
-        identity = _identity(accelerator.num_processes, run_, cfg, models, request, data)
-        digest = config_hash(identity)
-        teacher_name = teacher_spec.short if teacher_spec else "none"
-        path = Path(request.results_dir) / record_name(
-            run_.method,
-            run_.ablation,
-            teacher_name,
-            student_spec.short,
-            request.data,
-            request.train.seed,
-            digest,
-        )
-        candidates.append((run_, cls, cfg, needs, identity, digest, path))
-    locks = [RunLock(c[-1]) for c in candidates]
-    decisions: list[str] = []
-    if accelerator.is_main_process:
-        decisions = [_claim(request, c[0], c[-1], lock, pc.names, log) for c, lock in zip(candidates, locks)]
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        decisions = broadcast_object_list(decisions or [""] * len(candidates))
-    planned, outcomes = [], []
-    for (run_, cls, cfg, needs, identity, digest, path), lock, decision in zip(candidates, locks, decisions):
-        if decision in ("skipped", "running"):
-            outcomes.append(RunOutcome(run_.label, path, decision))
-            continue
-        trained = read_record(path) if decision == "score" else None
-        planned.append(
-            PlannedRun(run_, cls, cfg, needs, identity, digest, path, lock, trained, request.checkpoint_dir)
-        )
-    return planned, outcomes
-
-
-def _claim(request, run_: MethodRun, path: Path, lock: RunLock, names: str, log) -> str:
-    """What to do with one run: "skipped" (finished), "running" (elsewhere), "train" or "score" (trained).
-
-    Takes the run's lock for "train" and "score"; a lock whose process is gone is taken over, and the
-    temp files of its killed writers are removed.
-    """
-    where = f"{run_.label} {names}"
-    holder = None if (is_finished(path) and not request.force) else lock.acquire()
-    if holder is not None:
-        log(f"skip {where}: running elsewhere: {holder.describe()} (lock {lock.path})")
-        return "running"
-    if is_finished(path) and not request.force:  # (re-read under the lock: finished meanwhile)
-        lock.release()
-        log(f"skip {where}: finished record {path} (--force to redo)")
-        return "skipped"
-    if lock.taken_over is not None:
-        log(f"{where}: taking over the lock of {lock.taken_over.describe()}, which is gone")
-    _remove_dead_writers_files(path, request.checkpoint_dir, log)
-    record = read_record(path)
-    if request.force or not (record and record.get("status") == "trained"):
-        return "train"
-    if not Checkpoint(path, 0, request.checkpoint_dir).student_dir.is_dir():
-        log(f"{where}: the trained student of {path.name} is gone; training again")
-        return "train"
-    return "score"
-
-
-def _remove_dead_writers_files(path: Path, checkpoint_dir: Path | None, log) -> None:
-    """Temp files of killed writers of this run's record and checkpoint (we hold the run's lock)."""
-    checkpoint = Checkpoint(path, 0, checkpoint_dir)
-    files = size = 0
-    for target in (path, path.with_name(path.stem + ".samples.jsonl"), checkpoint.path):
-        count, nbytes = remove_stale_temps(target)
-        files, size = files + count, size + nbytes
-    if files:
-        log(f"removed {files} partial file(s) of a killed writer of {path.name} ({size / 2**20:.1f} MB)")
-
-
-def _prepare_pair(request, accelerator, pc: PairContext, planned: list[PlannedRun], examples) -> None:
-    """Alignment artifacts, the training stream and the teacher, as far as the runs to train need them."""
-    training = [p for p in planned if p.trained is None]
-    if not training:
-        return
-    train = request.train
-    student_tok, teacher_tok = pc.tokenizers
-    if teacher_tok is not None and any("shared_vocab" in p.needs.alignment for p in training):
-        pc.vocab = shared_vocab(student_tok, teacher_tok)
-    aligner = None
-    if teacher_tok is not None and any("mined" in p.needs.alignment for p in training):
-        pc.vocab_map = mined_vocab_map(student_tok, teacher_tok, progress=request.progress)
-        aligner = MinedAligner(student_tok, teacher_tok, pc.vocab_map)
-    pc.examples_available = len(examples)
-    pc.encoder = PairEncoder(
-        student_tok,
-        teacher_tok if teacher_tok is not None else student_tok,
-        max_prompt_tokens=train.max_prompt_tokens,
-        max_length=train.max_length,
-        mined=aligner,
-    )
-    count = train.steps * train.grad_accum * train.batch_size * accelerator.num_processes
-    pc.stream = training_stream(
-        examples, pc.encoder, count, train.seed, progress=request.progress and accelerator.is_main_process
-    )
-    if any(p.needs.teacher for p in training):
-        # a frozen teacher needs no fp32 master weights: bf16 on GPUs halves its memory
-        teacher_dtype = "bfloat16" if accelerator.mixed_precision == "bf16" else "float32"
-        teacher = zoo.load_model(pc.specs[0], seed=train.seed, dtype=teacher_dtype)
-        if any(p.needs.teacher_attentions for p in training):
-            teacher.set_attn_implementation("eager")
-        teacher.requires_grad_(False)
-        teacher.eval()
-        pc.teacher = teacher.to(accelerator.device)
-
-
-def _new_record(request, pc: PairContext, p: PlannedRun) -> dict[str, Any]:
-    teacher_spec, student_spec = pc.specs
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "status": "running",
-        "method": p.run.method,
-        "ablation": p.run.ablation,
-        "label": p.run.label,
-        "role": request.role,
-        "config_hash": p.digest,
-        "identity": p.identity,
-        "method_config": config_dict(p.config),
-        "pair": {
-            "teacher": zoo.model_info(teacher_spec) if teacher_spec else None,
-            "student": zoo.model_info(student_spec),
-            "same_tokenizer": pc.same,
-        },
-        "data": {
-            "name": request.data,
-            "data_dir": request.data_dir,
-            "digest": p.identity["data_digest"],
-            "split": "train",
-            "examples_available": pc.examples_available,
-            "examples_used": len(pc.stream),
-            "encoding": pc.encoder.stats.as_dict() if pc.encoder is not None else None,
-            "shared_vocab_size": len(pc.vocab) if pc.vocab else None,
-        },
-        "train": asdict(request.train),
-        "seed": request.train.seed,
-        "versions": versions(),
-        "git_commit": git_commit(),
-        "started_at": now(),
-    }
-
-
-def _execute(request, accelerator, pc: PairContext, p: PlannedRun, log) -> RunOutcome:
-    """Train one planned run (unless only its scoring is left), write "trained", score, write "finished"."""
-    student_tok = pc.tokenizers[0]
-    if p.trained is not None:
-        log(
-            f"{p.run.label} {pc.names}: trained before; scoring the kept student ({p.checkpoint.student_dir})"
-        )
-        record = p.trained
-        trained = zoo.load_model(zoo.resolve(str(p.checkpoint.student_dir))).to(accelerator.device).eval()
-    else:
-        record = _new_record(request, pc, p)
-        progress = TrainProgress()
-        try:
-            body = train_one(
-                accelerator=accelerator,
-                run=p.run,
-                method_cls=p.cls,
-                method_config=p.config,
-                pair=pc,
-                request=request,
-                checkpoint=Checkpoint(p.path, request.checkpoint_every, request.checkpoint_dir),
-                progress=progress,
-            )
-        except Exception as err:
-            _release(accelerator)
-            return _failed(request, accelerator, pc, p, record, err, progress, log)
-        trained = body.pop("_student")
-        _release(accelerator)
-        accelerator.wait_for_everyone()
-        record.update(body)
-        if request.evaluation is not None and accelerator.is_main_process:
-            # the training is safe on disk before the (long) scoring: a kill there costs no retraining
-            trained = save_student(trained, student_tok, p.checkpoint.student_dir)
-            record.update(status="trained", trained_at=now())
-            write_atomic(p.path, record)
-            p.checkpoint.path.unlink(missing_ok=True)
-    _score_and_finish(request, accelerator, pc, p, record, trained)
-    final = record["losses"]["final"]
-    log(
-        f"done {p.run.label} {pc.names}: "
-        + " ".join(f"{k}={v:.4f}" for k, v in final.items())
-        + f" | {record['cost']['seconds_per_step']:.2f} s/step -> {p.path}"
-    )
-    return RunOutcome(
-        p.run.label, p.path, "finished", record, student=trained if request.keep_students else None
-    )
-
-
-def _score_and_finish(request, accelerator, pc: PairContext, p: PlannedRun, record, trained) -> None:
-    student_tok = pc.tokenizers[0]
-    if request.evaluation is not None and accelerator.is_main_process:
-        from ctkd_bench.evaluation import evaluate
-        from ctkd_bench.scoring import eval_section
-
-        result = evaluate(trained, student_tok, request.evaluation, progress=request.progress)
-        record["eval"] = eval_section(p.path, result)
-    if request.save_model is not None:
-        folder = Path(request.save_model) / p.path.stem
-        if accelerator.is_main_process:
-            save_student(trained, student_tok, folder)
-        record["model_dir"] = str(folder)
-    record.update(status="finished", finished_at=now())
-    if accelerator.is_main_process:
-        write_atomic(p.path, record)
-        p.checkpoint.clear()
-
-
-def _failed(request, accelerator, pc: PairContext, p: PlannedRun, record, err, progress, log) -> RunOutcome:
-    """A failed record (NaN/Inf loss, out of memory, or with keep_going any error): where and why."""
-    if isinstance(err, NonFiniteLoss):
-        failure = str(err)
-        record.update(failure_step=err.step, failure_terms=err.terms)
-    elif _is_out_of_memory(err):
-        failure = f"out of memory: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
-        record["failure_step"] = progress.step + 1
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    elif request.keep_going:
-        failure = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".strip()
-        record["failure_step"] = progress.step + 1
-    else:
-        raise err
-    last = progress.curve[-1] if progress.curve else {}
-    final = {k: v for k, v in last.items() if k not in ("step", "lr", "seconds")}
-    record["losses"] = {"final": final, "curve": progress.curve}
-    record.update(status="failed", failure=failure, finished_at=now())
-    if accelerator.is_main_process:
-        write_atomic(p.path, record)
-    log(f"FAILED {p.run.label} {pc.names}: {failure}; record {p.path}")
-    return RunOutcome(p.run.label, p.path, "failed", record)
-
-
-# ------------------------------------------------------------------------------------- stages
+# ------------------------------------------------------------------------------------ stages: the teacher SFT
 
 
 def finetuned_dir() -> Path:
@@ -1100,7 +1314,7 @@ def finetune(
     *,
     data: str,
     data_dir: str | None,
-    train: TrainConfig,
+    train: TrainConfig | Mapping[str, Any],
     results_dir: Path,
     evaluation: Any = None,
     device: str = "auto",
@@ -1120,13 +1334,13 @@ def finetune(
     the same folder again, never retrain it. Returns the run's outcome and the model folder.
     """
     root = finetuned_dir()
-    request = RunRequest(
-        methods=[MethodRun("sft")],
-        pairs=[(None, spec)],
+    request = RunRequest.from_settings(
+        [MethodRun("sft")],
+        [(None, spec)],
+        train=train,
         data=data,
         data_dir=data_dir,
-        train=train,
-        results_dir=Path(results_dir),
+        results_dir=results_dir,
         device=device,
         save_model=root,
         force=force,
@@ -1150,20 +1364,23 @@ def finetune(
             f"fine-tuning {spec.short} failed: {(outcome.record or {}).get('failure')}; see {outcome.path}"
         )
     if evaluation is not None:
-        from ctkd_bench.scoring import score_model
-
-        scored = score_model(
-            zoo.resolve(str(folder)),
-            evaluation,
-            results_dir,
-            device=resolve_device(device),
-            role="teacher",
-            reuse=not force,
-            progress=progress,
-            log=log,
-        )
-        if scored.status == "running":
-            raise UserError(
-                f"the fine-tuned {spec.short} is being scored by another process; run again later"
-            )
+        _score_finetuned(spec, folder, evaluation, results_dir, device, force, progress, log)
     return outcome, folder
+
+
+def _score_finetuned(spec, folder: Path, evaluation, results_dir, device, force, progress, log) -> None:
+    """The eval record (role "teacher") of a fine-tuned model; a finished one is reused unless ``force``."""
+    from ctkd_bench.scoring import score_model
+
+    scored = score_model(
+        zoo.resolve(str(folder)),
+        evaluation,
+        results_dir,
+        device=resolve_device(device),
+        role="teacher",
+        reuse=not force,
+        progress=progress,
+        log=log,
+    )
+    if scored.status == "running":
+        raise UserError(f"the fine-tuned {spec.short} is being scored by another process; run again later")

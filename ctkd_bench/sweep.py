@@ -206,51 +206,16 @@ def _methods(items: list[Any], source: Path) -> list[dict[str, Any]]:
 
 def load_experiment(path: str | Path) -> Experiment:
     """Read and validate an experiment file; every mistake is one line naming the file and the key."""
-    import yaml
-
     from ctkd_bench import zoo
-    from ctkd_bench.runner import TrainConfig
 
     source = Path(path)
-    if not source.is_file():
-        raise UserError(f"--config {source}: no such file")
-    try:
-        raw = yaml.safe_load(source.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise UserError(f"{source}: not valid YAML{where}: {getattr(err, 'problem', err)}") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{source}: expected a mapping of settings (pairs, methods, seeds, ...)")
-    unknown = sorted(set(raw) - KEYS)
-    if unknown:
-        raise UserError(f"{source}: unknown key {unknown[0]!r}; allowed: {', '.join(sorted(KEYS))}")
-    for key in ("pairs", "methods"):
-        if not raw.get(key):
-            raise UserError(f"{source}: '{key}' is missing or empty")
+    raw = _read_yaml(source)
     name = str(raw.get("name") or (source.parent.name if source.stem == "experiment" else source.stem))
     pairs = [str(p) for p in _as_list(raw["pairs"], source, "pairs")]
     for pair in pairs:
         zoo.parse_pair(pair)  # malformed pairs fail now (loading happens per run)
-    try:
-        seeds = [int(s) for s in _as_list(raw.get("seeds", [TrainConfig().seed]), source, "seeds")]
-    except (TypeError, ValueError):
-        raise UserError(f"{_where(source, 'seeds')} must be integers, e.g. [10, 20, 30]") from None
-    if len(set(seeds)) != len(seeds):
-        raise UserError(f"{_where(source, 'seeds')} repeat a seed: {seeds}")
-    train = dict(raw.get("train") or {})
-    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"seed"}
-    bad = sorted(set(train) - fields)
-    if bad:
-        raise UserError(
-            f"{_where(source, 'train')}: unknown setting {bad[0]!r}"
-            + (" (seeds go in the top-level 'seeds' list)" if bad[0] == "seed" else "")
-            + f"; allowed: {', '.join(sorted(fields))}"
-        )
-    try:
-        TrainConfig(**train).validate()
-    except TypeError as err:
-        raise UserError(f"{_where(source, 'train')}: {err}") from None
+    seeds = _seeds(raw, source)
+    train = _train(raw.get("train"), source)
     evaluation = raw.get("eval")
     if evaluation is not None:
         evaluation = _eval_settings(evaluation, source, raw.get("data_dir"))
@@ -288,6 +253,62 @@ def load_experiment(path: str | Path) -> Experiment:
     return experiment
 
 
+def _read_yaml(source: Path) -> dict[str, Any]:
+    """The file's top-level mapping: valid YAML, known keys only, pairs and methods given."""
+    import yaml
+
+    if not source.is_file():
+        raise UserError(f"--config {source}: no such file")
+    try:
+        raw = yaml.safe_load(source.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise UserError(f"{source}: not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: expected a mapping of settings (pairs, methods, seeds, ...)")
+    unknown = sorted(set(raw) - KEYS)
+    if unknown:
+        raise UserError(f"{source}: unknown key {unknown[0]!r}; allowed: {', '.join(sorted(KEYS))}")
+    for key in ("pairs", "methods"):
+        if not raw.get(key):
+            raise UserError(f"{source}: '{key}' is missing or empty")
+    return raw
+
+
+def _seeds(raw: dict[str, Any], source: Path) -> list[int]:
+    from ctkd_bench.runner import TrainConfig
+
+    try:
+        seeds = [int(s) for s in _as_list(raw.get("seeds", [TrainConfig().seed]), source, "seeds")]
+    except (TypeError, ValueError):
+        raise UserError(f"{_where(source, 'seeds')} must be integers, e.g. [10, 20, 30]") from None
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"{_where(source, 'seeds')} repeat a seed: {seeds}")
+    return seeds
+
+
+def _train_mapping(value: Any, source: Path, key: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UserError(f"{_where(source, key)} is a mapping of training settings, e.g. {{steps: 200}}")
+    return dict(value)
+
+
+def _train(value: Any, source: Path) -> dict[str, Any]:
+    """The TrainConfig fields of the ``train`` section (validated now); the seed comes from ``seeds``."""
+    from ctkd_bench.runner import TrainConfig
+
+    train = _train_mapping(value, source, "train")
+    if "seed" in train:
+        raise UserError(
+            f"{_where(source, 'train')}: unknown setting 'seed' (seeds go in the top-level 'seeds' list)"
+        )
+    TrainConfig.from_mapping(train, source=_where(source, "train"), exclude={"seed"})
+    return train
+
+
 def _flag(value: Any, source: Path, key: str) -> bool:
     if not isinstance(value, bool):
         raise UserError(f"{_where(source, key)} must be true or false, not {value!r}")
@@ -305,17 +326,8 @@ def _teacher_sft(value: Any, source: Path) -> dict[str, Any] | None:
             f"{_where(source, 'teacher_sft')} is a mapping with one key, train, e.g. "
             "teacher_sft: {train: {steps: 150, lr: 1.0e-4}}"
         )
-    train = dict(value.get("train") or {})
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    bad = sorted(set(train) - fields)
-    if bad:
-        raise UserError(
-            f"{_where(source, 'teacher_sft.train')}: unknown setting {bad[0]!r}; allowed: {', '.join(sorted(fields))}"
-        )
-    try:
-        TrainConfig(**train).validate()
-    except TypeError as err:
-        raise UserError(f"{_where(source, 'teacher_sft.train')}: {err}") from None
+    train = _train_mapping(value.get("train"), source, "teacher_sft.train")
+    TrainConfig.from_mapping(train, source=_where(source, "teacher_sft.train"))
     return train
 
 
@@ -354,32 +366,26 @@ def _eval_settings(value: Any, source: Path, data_dir: str | None) -> dict[str, 
 
 def request_for(jobs: list[dict[str, Any]], *, force: bool = False, progress: bool = True):
     """One RunRequest for jobs that share a pair, a seed and the settings (the teacher loads once)."""
-    from ctkd_bench import zoo
     from ctkd_bench.evaluation import EvalConfig
-    from ctkd_bench.runner import MethodRun, RunRequest, TrainConfig
+    from ctkd_bench.runner import MethodRun, RunRequest
 
     first = jobs[0]
-    evaluation = EvalConfig(**first["eval"], data_dir=first["data_dir"]) if first["eval"] else None
-    selection = None
-    if first["eval_every"]:
-        base = evaluation or EvalConfig(data_dir=first["data_dir"])
-        selection = dataclasses.replace(base, tasks=("dolly_dev",))
-    return RunRequest(
-        methods=[MethodRun(j["method"], j["ablation"], dict(j["overrides"])) for j in jobs],
-        pairs=[zoo.parse_pair(first["pair"])],
+    return RunRequest.from_settings(
+        [MethodRun(j["method"], j["ablation"], dict(j["overrides"])) for j in jobs],
+        [first["pair"]],
+        train={**first["train"], "seed": first["seed"]},
         data=first["data"],
         data_dir=first["data_dir"],
-        train=TrainConfig(**first["train"], seed=first["seed"]),
-        results_dir=Path(first["results_dir"]),
+        results_dir=first["results_dir"],
         device=first["device"],
-        save_model=Path(first["save_model"]) if first["save_model"] else None,
+        save_model=first["save_model"],
         force=force,
         progress=progress,
-        evaluation=evaluation,
+        # the dev selection (eval_every) derives its settings from these
+        evaluation=EvalConfig(**first["eval"], data_dir=first["data_dir"]) if first["eval"] else None,
         eval_every=first["eval_every"],
-        selection=selection,
         checkpoint_every=first["checkpoint_every"],
-        checkpoint_dir=Path(first["checkpoint_dir"]) if first.get("checkpoint_dir") else None,
+        checkpoint_dir=first.get("checkpoint_dir"),
         keep_going=True,
     )
 
@@ -407,7 +413,9 @@ def teacher_stage(
             zoo.resolve(teacher),
             data=experiment.data,
             data_dir=experiment.data_dir,
-            train=TrainConfig(**experiment.teacher_sft),
+            train=TrainConfig.from_mapping(
+                experiment.teacher_sft, source=f"{experiment.source}: teacher_sft.train"
+            ),
             results_dir=experiment.results_dir,
             evaluation=_evaluation(experiment),
             device=experiment.device,

@@ -9,7 +9,6 @@ from typing import Literal
 import torch
 
 from ctkd_bench.api import (
-    IGNORE_INDEX,
     DistillBatch,
     Distiller,
     KDConfig,
@@ -18,6 +17,7 @@ from ctkd_bench.api import (
     register_method,
     require,
 )
+from ctkd_bench.losses import zero_loss
 
 # Teacher rows per LM-head call: 128 x 262,144 float32 logits = 128 MiB at a time, never B x L x V.
 TEACHER_ROWS_PER_CHUNK = 128
@@ -37,7 +37,8 @@ class ALM(Distiller):
     Chunks are the batch's spans (``batch.spans``: the finest segmentation of the response that both
     tokenizations respect, i.e. the shortest token sequences that encode identical text, as tokenkit's
     ``align.get_alignment_indices``), plus one chunk ``(EOS_S, EOS_T)`` when both sides end with EOS
-    (tokenkit's chunks cover the end-of-turn tokens too; ``eos_chunk=False`` drops it). For chunk k
+    (``batch.eos_span``, decided by the encoder; tokenkit's chunks cover the end-of-turn tokens too;
+    ``eos_chunk=False`` drops it). For chunk k
     with student tokens ``U_S`` and teacher tokens ``U_T``, on the *main path* (realised tokens only):
 
         ℓ_S(k) = min(0, Σ_{u∈U_S} log p_S(x_u | x_<u)),   ℓ_T(k) = min(0, Σ_{u∈U_T} log p_T(y_u | y_<u))
@@ -101,9 +102,6 @@ class ALM(Distiller):
     def needs(cls, config) -> Needs:
         return Needs(teacher_hidden_states=True, alignment=frozenset({"spans"}), tokenizers="any")
 
-    def loss_weights(self) -> dict[str, float]:
-        return {"ce": 1.0 - self.config.kd_rate, "kd": self.config.kd_rate}
-
     def forward(
         self, batch: DistillBatch, student: ModelOutputs, teacher: ModelOutputs | None
     ) -> dict[str, torch.Tensor]:
@@ -127,7 +125,7 @@ class ALM(Distiller):
         else:
             weight = valid.to(s_ll.dtype)
         if not bool(valid.any()):
-            return {"kd": student.logits.sum() * 0.0}
+            return {"kd": zero_loss(student.logits)}
         if self.config.distance == "abs":
             dist = (t_ll - s_ll).abs()
         else:
@@ -145,10 +143,10 @@ def chunk_table(
     """Chunk token ranges of both sides and their validity.
 
     Returns ``s_start, s_end, t_start, t_end`` long ``[B, K']`` and ``valid`` bool ``[B, K']`` where
-    ``K' = K + 1`` with the EOS chunk (``K`` spans otherwise). Starts are raised to 1 (position 0 has
-    no prediction, so only that token leaves its chunk); a chunk is valid when its span is real and its
-    teacher side keeps at least one token (a student side left empty sums to ℓ_S = 0, as in tokenkit),
-    and (EOS chunk) when both sides carry an EOS label at ``response_end``.
+    ``K' = K + 1`` with the EOS chunk (``K`` spans otherwise; the EOS chunk is the batch's
+    ``eos_span``, valid where ``eos_mask``: both sides end with EOS). Starts are raised to 1 (position 0
+    has no prediction, so only that token leaves its chunk); a chunk is valid when its span is real and
+    its teacher side keeps at least one token (a student side left empty sums to ℓ_S = 0, as in tokenkit).
     """
     spans = batch.spans.long()
     mask = batch.span_mask.bool()
@@ -156,19 +154,14 @@ def chunk_table(
         raise ValueError(f"alm needs batch.spans of shape [B, K, 4], got {tuple(spans.shape)}")
     s_start, s_end, t_start, t_end = spans.unbind(-1)
     if eos_chunk:
-        cols = []
-        ok = torch.ones_like(batch.student.response_end, dtype=torch.bool)
-        for side in (batch.student, batch.teacher):
-            end = side.response_end.long()
-            length = side.labels.shape[1]
-            at = side.labels.gather(1, end.clamp(max=length - 1).unsqueeze(1)).squeeze(1)
-            ok = ok & (end < length) & (at != IGNORE_INDEX)
-            cols.append(end)
-        s_start = torch.cat([s_start, cols[0].unsqueeze(1)], 1)
-        s_end = torch.cat([s_end, cols[0].unsqueeze(1) + 1], 1)
-        t_start = torch.cat([t_start, cols[1].unsqueeze(1)], 1)
-        t_end = torch.cat([t_end, cols[1].unsqueeze(1) + 1], 1)
-        mask = torch.cat([mask, ok.unsqueeze(1)], 1)
+        if batch.eos_span is None or batch.eos_mask is None:
+            raise ValueError("alm: the batch carries no EOS chunk (batch.eos_span, built by the encoder)")
+        eos = batch.eos_span.long()  # [B, 4]
+        s_start = torch.cat([s_start, eos[:, 0:1]], 1)
+        s_end = torch.cat([s_end, eos[:, 1:2]], 1)
+        t_start = torch.cat([t_start, eos[:, 2:3]], 1)
+        t_end = torch.cat([t_end, eos[:, 3:4]], 1)
+        mask = torch.cat([mask, batch.eos_mask.bool().unsqueeze(1)], 1)
     # position 0 has no prediction: drop that token only (tokenkit's ``alignment_matrix[:, 1:]``); a chunk
     # stays valid while its teacher side keeps a token (tokenkit counts a chunk by its teacher tokens),
     # a student side left empty then has ℓ_S = 0
@@ -210,7 +203,7 @@ def student_token_logprobs(
     rows, pos = covered_positions(start, end, valid, input_ids.shape[1])
     out = torch.zeros(input_ids.shape, dtype=torch.float32, device=logits.device)
     if rows.numel() == 0:
-        return out + logits.sum() * 0.0  # keep the graph connected
+        return out + zero_loss(logits)  # keep the graph connected
     z = logits[rows, pos - 1].float()  # [N, V]
     lp = z.gather(1, input_ids[rows, pos].unsqueeze(1)).squeeze(1) - torch.logsumexp(z, dim=-1)
     return out.index_put((rows, pos), lp)

@@ -19,6 +19,7 @@ from ctkd_bench.api import (
     register_method,
     require,
 )
+from ctkd_bench.losses import zero_loss
 
 UNMAPPED = -1  # the reference's 0 ("no partner"); here student id 0 is a valid partner
 ENTROPY_EPS = 1e-10  # the reference's calculate_weight adds it to the probabilities
@@ -173,7 +174,7 @@ class CDM(Distiller):
     the points noted below.
 
     Per example, over each side's logits positions that predict a response target (``logits[:, t]``
-    with ``labels[:, t + 1] != -100``; DTW reads the *input* token at t, as :mod:`ctkd_bench.alignment.
+    with ``labels[:, t + 1] != IGNORE_INDEX``; DTW reads the *input* token at t, as :mod:`ctkd_bench.alignment.
     mined`):
 
     1. **Entropy-weighted DTW.** ``f = int(3 + 3·σ(4·minmax(H) − 2))`` ∈ {3, 4, 5} per position from
@@ -311,9 +312,6 @@ class CDM(Distiller):
     def needs(cls, config) -> Needs:
         return Needs(teacher_hidden_states=True, tokenizers="cross")
 
-    def loss_weights(self) -> dict[str, float]:
-        return {"ce": 1.0 - self.config.kd_rate, "kd": self.config.kd_rate}
-
     def forward(
         self, batch: DistillBatch, student: ModelOutputs, teacher: ModelOutputs | None
     ) -> dict[str, torch.Tensor]:
@@ -375,7 +373,7 @@ class CDM(Distiller):
             target = self._target(t_merged)
             terms.append(cdm_divergence(s_merged, target, cfg.temperature))
         if not terms:
-            return {"kd": student.logits.sum() * 0.0}
+            return {"kd": zero_loss(student.logits)}
         return {"kd": torch.cat(terms).mean()}
 
     def _target(self, t_merged: torch.Tensor) -> torch.Tensor:

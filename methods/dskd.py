@@ -23,7 +23,7 @@ from ctkd_bench.api import (
     require,
 )
 from ctkd_bench.errors import UserError
-from ctkd_bench.losses import forward_kl
+from ctkd_bench.losses import forward_kl, zero_loss
 
 # Added to the attention scores of every (student, teacher) pair that is not a pair of target positions
 # (the reference's ``align + (1 - align_mask) * -100000``): exp(-1e5) is exactly 0 in float32.
@@ -262,9 +262,6 @@ class DualSpaceKDWithCMA(Distiller):
             )
         return Needs(teacher_hidden_states=True, student_hidden_states=True, tokenizers="any")
 
-    def loss_weights(self) -> dict[str, float]:
-        return {"ce": 1.0 - self.config.kd_rate, "kd": self.config.kd_rate}
-
     def optimizer_groups(self, student_lr: float) -> list[dict[str, Any]]:
         # weight decay: the optimizer's (DSKD adds the group without its own, so it inherits 0.01 too)
         return [{"params": list(self.projectors.parameters()), "lr": self.config.projector_lr}]
@@ -287,9 +284,7 @@ class DualSpaceKDWithCMA(Distiller):
         return outputs
 
     def _zero_terms(self, student: ModelOutputs) -> dict[str, torch.Tensor]:
-        zero = (
-            student.hidden_states[-1].sum() * 0.0 + sum(p.sum() for p in self.projectors.parameters()) * 0.0
-        )
+        zero = zero_loss(student.hidden_states[-1], *self.projectors.parameters())
         terms = {"kd": zero, "t2s_ce": zero, "t2s_acc": zero.detach()}
         if self.config.student_space:
             terms["t2s_kd"] = zero

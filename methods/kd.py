@@ -6,7 +6,15 @@ from dataclasses import dataclass
 
 import torch
 
-from ctkd_bench.api import DistillBatch, Distiller, KDConfig, ModelOutputs, Needs, register_method
+from ctkd_bench.api import (
+    IGNORE_INDEX,
+    DistillBatch,
+    Distiller,
+    KDConfig,
+    ModelOutputs,
+    Needs,
+    register_method,
+)
 from ctkd_bench.losses import forward_kl
 
 
@@ -33,13 +41,11 @@ class VanillaKD(Distiller):
     def needs(cls, config) -> Needs:
         return Needs(teacher_logits=True, tokenizers="same")
 
-    def loss_weights(self) -> dict[str, float]:
-        return {"ce": 1.0 - self.config.kd_rate, "kd": self.config.kd_rate}
-
     def forward(
         self, batch: DistillBatch, student: ModelOutputs, teacher: ModelOutputs | None
     ) -> dict[str, torch.Tensor]:
-        targets = batch.student.labels[:, 1:] != -100  # [B, L-1]: positions t whose logits predict t+1
+        # [B, L-1]: positions t whose logits predict token t+1
+        targets = batch.student.labels[:, 1:] != IGNORE_INDEX
         s_logits = student.logits[:, :-1][targets]
         t_logits = teacher.logits[:, :-1][targets].detach()
         return {"kd": forward_kl(t_logits, s_logits, self.config.temperature).mean()}

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ctkd_bench.alignment.mined import MinedPairs
 from ctkd_bench.api import (
     IGNORE_INDEX,
     DistillBatch,
@@ -26,7 +27,8 @@ class MinED(Distiller):
     baseline of DSKD (Zhang et al., arXiv 2406.17328). Reference: ``songmzhang/DSKD:code/criterions/
     min_edit_dis_kld.py`` (``transform_step_logits_fast``) with the vocabulary map of
     ``fanqiwan/FuseAI:FuseLLM/src/utils/vocab_mapping.py``; the alignment itself lives in
-    :mod:`ctkd_bench.alignment.mined` and is computed in the data pipeline.
+    :mod:`ctkd_bench.alignment.mined` and is computed in the data pipeline (the alignment artifact
+    ``mined``: the vocabulary map per tokenizer pair, the DTW pairs per example).
 
     For every student position t that predicts a response token (and EOS):
 
@@ -64,16 +66,10 @@ class MinED(Distiller):
     def needs(cls, config) -> Needs:
         return Needs(teacher_hidden_states=True, alignment=frozenset({"mined"}), tokenizers="cross")
 
-    def loss_weights(self) -> dict[str, float]:
-        return {"ce": 1.0 - self.config.kd_rate, "kd": self.config.kd_rate}
-
     def forward(
         self, batch: DistillBatch, student: ModelOutputs, teacher: ModelOutputs | None
     ) -> dict[str, torch.Tensor]:
-        if batch.mined_pairs is None:
-            raise ValueError(
-                "mined: the batch carries no MinED alignment (the runner did not compute 'mined')"
-            )
+        aligned: MinedPairs = batch.artifact("mined")
         tau = self.config.temperature
         labels = batch.student.labels[:, 1:]  # [B, L-1]: logits[:, t] predicts labels[:, t + 1]
         targets = labels != IGNORE_INDEX
@@ -83,10 +79,10 @@ class MinED(Distiller):
         gold = labels.clamp_min(0).unsqueeze(-1)
         kl = -s_logp.gather(-1, gold).squeeze(-1)  # [B, L-1]
 
-        rows, slots = batch.mined_mask.nonzero(as_tuple=True)
+        rows, slots = aligned.mask.nonzero(as_tuple=True)
         if rows.numel():
-            s_pos = batch.mined_pairs[rows, slots, 0]
-            t_pos = batch.mined_pairs[rows, slots, 1]
+            s_pos = aligned.pairs[rows, slots, 0]
+            t_pos = aligned.pairs[rows, slots, 1]
             t_hidden = teacher.hidden_states[-1][rows, t_pos]  # [M, d_T]
             t_logp = F.log_softmax(teacher.head(t_hidden, self.teacher_rows).float().detach() / tau, dim=-1)
             s_mapped = s_logp[rows, s_pos].index_select(-1, self.student_rows)  # [M, V'] of the full softmax

@@ -8,12 +8,12 @@ from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from ctkd_bench.methods.uld import chunk_rows
 from torch.utils.checkpoint import checkpoint
 
-from ctkd_bench.alignment.positions import AlignedPositions, align_response_positions
+from ctkd_bench.alignment.positions import AlignedPositions
 from ctkd_bench.api import DistillBatch, Distiller, KDConfig, ModelOutputs, Needs, register_method, require
 from ctkd_bench.errors import UserError
+from ctkd_bench.losses import chunk_rows, zero_loss
 
 STD_EPS = 1e-4  # the reference's normalize(): z / (std(z) + 0.0001)
 
@@ -240,10 +240,7 @@ class MultiLevelOT(Distiller):
     def needs(cls, config) -> Needs:
         if config.reduction not in ("example", "token"):
             raise UserError(f"multilevel-ot.reduction: expected example or token, got {config.reduction!r}")
-        return Needs(teacher_logits=True, tokenizers="any")
-
-    def loss_weights(self) -> dict[str, float]:
-        return {"ce": 1.0, "kd": self.config.kd_rate}
+        return Needs(teacher_logits=True, alignment=frozenset({"response_positions"}), tokenizers="any")
 
     def forward(
         self, batch: DistillBatch, student: ModelOutputs, teacher: ModelOutputs | None
@@ -254,9 +251,9 @@ class MultiLevelOT(Distiller):
             )
         if student.logits is None:
             raise RuntimeError("multilevel-ot needs the student's logits; none were given")
-        aligned = align_response_positions(batch)
+        aligned: AlignedPositions = batch.artifact("response_positions")
         if aligned.rows.numel() == 0:
-            zero = student.logits.sum() * 0.0
+            zero = zero_loss(student.logits)
             return {"kd": zero, "ot_had": zero, "ot_sl": zero, "ot_sd": zero}
         with torch.autocast(student.logits.device.type, enabled=False):
             terms = self._terms(aligned, student.logits, teacher.logits)

@@ -19,7 +19,7 @@ from ctkd_bench.api import (
     register_method,
 )
 from ctkd_bench.errors import UserError
-from ctkd_bench.losses import forward_kl
+from ctkd_bench.losses import forward_kl, zero_loss
 
 # Added to every token's attention mass inside a span (masses are normalized to sum to 1 over the
 # sequence): a span whose tokens all get zero attention then has the plain mean of its tokens as centre
@@ -525,7 +525,7 @@ class SRA(Distiller):
         s_centres = student_centres(self.student_layer_count)[rows, slots]  # [N, d_S], final normed layer
         t_centres = teacher_centres(self.teacher_layer_count)[rows, slots]  # [N, d_T]
         if rows.numel() == 0:
-            return s_centres.sum() * 0.0
+            return zero_loss(s_centres)
         s_logits = student.head(s_centres, self.student_rows)  # [N, V∩]
         with torch.no_grad():
             t_logits = teacher.head(t_centres, self.teacher_rows)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ctkd_bench.api import DistillBatch, Distiller, KDConfig, ModelOutputs, Needs, register_method
-from ctkd_bench.losses import forward_kl
+from ctkd_bench.losses import forward_kl, zero_loss
 
 
 @register_method("token-kld")
@@ -56,15 +56,12 @@ class TokenKLD(Distiller):
             tokenizers="cross",
         )
 
-    def loss_weights(self) -> dict[str, float]:
-        return {"ce": 1.0 - self.config.kd_rate, "kd": self.config.kd_rate}
-
     def forward(
         self, batch: DistillBatch, student: ModelOutputs, teacher: ModelOutputs | None
     ) -> dict[str, torch.Tensor]:
         rows, pairs = batch.pair_mask.nonzero(as_tuple=True)  # [N] batch row and pair slot
         if rows.numel() == 0:
-            return {"kd": student.logits.sum() * 0.0}
+            return {"kd": zero_loss(student.logits)}
         s_pos = batch.token_pairs[rows, pairs, 0] - 1  # position whose logits predict the student token
         t_pos = batch.token_pairs[rows, pairs, 1] - 1
         s_logits = student.logits[rows, s_pos].index_select(-1, self.student_rows)  # [N, V∩]

@@ -7,17 +7,9 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ctkd_bench.alignment.positions import AlignedPositions, align_response_positions
+from ctkd_bench.alignment.positions import AlignedPositions
 from ctkd_bench.api import DistillBatch, Distiller, KDConfig, ModelOutputs, Needs, register_method, require
-
-# Rows of a [rows, V] float32 temporary per chunk: softmax and sort over a 262k vocabulary are done on
-# at most this many elements at once (64 teacher positions, 341 student positions).
-CHUNK_ELEMENTS = 1 << 24
-
-
-def chunk_rows(vocab: int) -> int:
-    """How many positions of a ``vocab``-wide distribution fit in one chunk."""
-    return max(1, CHUNK_ELEMENTS // max(vocab, 1))
+from ctkd_bench.losses import chunk_rows, zero_loss
 
 
 def sorted_head_and_tail(logits: torch.Tensor, temperature: float, width: int) -> tuple[torch.Tensor, ...]:
@@ -56,7 +48,8 @@ def uld_distance(
     Args:
         s_logits: float ``[B, L_S, V_S]`` (student, with gradient).
         t_logits: float ``[B, L_T, V_T]`` (teacher; read in chunks, never differentiated).
-        aligned: from :func:`align_response_positions`.
+        aligned: the batch's ``response_positions`` artifact
+            (:func:`~ctkd_bench.alignment.positions.align_response_positions`).
         temperature: τ dividing both sides' logits.
 
     Returns:
@@ -96,9 +89,10 @@ class ULD(Distiller):
 
     Positions: each side's logits positions that predict a response target (the response tokens and
     the EOS, as both references keep EOS: ``skip_*_eos=False``), i.e. ``logits[:, p]`` with
-    ``labels[:, p + 1] != -100``, are paired by their index from each side's response start; an example
-    contributes its first ``min(n_S, n_T)`` pairs (both references: rotate/shift to the answer start,
-    compare the first ``min`` answer positions). No text alignment.
+    ``labels[:, p + 1] != IGNORE_INDEX``, are paired by their index from each side's response start;
+    an example contributes its first ``min(n_S, n_T)`` pairs (both references: rotate/shift to the
+    answer start, compare the first ``min`` answer positions). No text alignment: the pairing is the alignment
+    artifact ``response_positions``, built per batch in collate.
 
     Per pair: ``ULD_t = Σ_i |sort↓(softmax(z_S/τ))_i − sort↓(softmax(z_T/τ))_i|`` over
     ``max(V_S, V_T)`` entries, the smaller vocabulary zero-padded; τ = 1 on both sides (the original's
@@ -135,12 +129,12 @@ class ULD(Distiller):
 
     @classmethod
     def needs(cls, config) -> Needs:
-        return Needs(teacher_logits=True, tokenizers="any")
+        return Needs(teacher_logits=True, alignment=frozenset({"response_positions"}), tokenizers="any")
 
     def loss_weights(self) -> dict[str, float]:
         if self.config.original:
             return {"ce": 1.0, "kd": self.config.distil_factor}
-        return {"ce": 1.0 - self.config.kd_rate, "kd": self.config.kd_rate}
+        return super().loss_weights()
 
     def forward(
         self, batch: DistillBatch, student: ModelOutputs, teacher: ModelOutputs | None
@@ -149,9 +143,9 @@ class ULD(Distiller):
             raise RuntimeError("uld needs the teacher's full logits (Needs.teacher_logits); none were given")
         if student.logits is None:
             raise RuntimeError("uld needs the student's logits; none were given")
-        aligned = align_response_positions(batch)
+        aligned: AlignedPositions = batch.artifact("response_positions")
         if aligned.rows.numel() == 0:
-            return {"kd": student.logits.sum() * 0.0}
+            return {"kd": zero_loss(student.logits)}
         with torch.autocast(student.logits.device.type, enabled=False):
             distance = uld_distance(student.logits, teacher.logits, aligned, self.config.temperature)
         return {"kd": distance.mean()}

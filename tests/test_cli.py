@@ -154,20 +154,12 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, shared_data, capsys, monkeyp
         *[x for kv in args.items() for x in kv],
         "--no-progress",
     ]
-    code = _exit_code(argv)
+    code = main(argv)
     err = capsys.readouterr().err
     assert code == 2
     assert message in err, err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "r").exists() or not list((tmp_path / "r").iterdir())  # nothing written
-
-
-def _exit_code(argv: list[str]) -> int:
-    """main()'s return code, or the code of the SystemExit that argparse raises for usage errors."""
-    try:
-        return main(argv)
-    except SystemExit as exit_:
-        return exit_.code
 
 
 def test_malformed_data_line_names_file_and_line(tmp_path, capsys):
@@ -245,10 +237,63 @@ def test_errors_reach_the_shell_without_traceback():
     ],
 )
 def test_help_explains_every_command(capsys, command, needle):
-    with pytest.raises(SystemExit) as info:
-        main([*command, "--help"])
-    assert info.value.code == 0
+    assert main([*command, "--help"]) == 0
     assert needle in capsys.readouterr().out
+    assert main([*command, "-h"]) == 0
+    assert needle in capsys.readouterr().out
+
+
+def test_no_command_prints_the_help_and_exits_2(capsys):
+    assert main([]) == 2
+    assert "Commands:" in capsys.readouterr().out
+
+
+USAGE = [
+    (["run", "--steps", "x"], "ctkd-bench run: error: --steps: expected a positive integer, got 'x'"),
+    (["run", "--lr", "nan"], "ctkd-bench run: error: --lr: must be positive, got nan"),
+    (["run", "--lora", "-1"], "ctkd-bench run: error: --lora: must be >= 0, got -1"),
+    (
+        ["run", "--device", "tpu"],
+        "ctkd-bench run: error: --device: 'tpu' is not one of 'auto', 'cpu', 'cuda'",
+    ),
+    (["run", "--stepz", "3"], "ctkd-bench run: error: No such option '--stepz'"),
+    (["run", "--pair"], "ctkd-bench run: error: Option '--pair' requires an argument"),
+    (["ablate"], "ctkd-bench ablate: error: Missing argument 'METHOD'"),
+    (["finetune", "--out", "x"], "ctkd-bench finetune: error: Missing option '--model'"),
+    (["align", "--limit", "0"], "ctkd-bench align: error: --limit: must be a positive integer, got 0"),
+    (["frob"], "ctkd-bench: error: No such command 'frob'"),
+    (["report", "/no/such/folder"], "ctkd-bench: error: /no/such/folder is not a folder of records"),
+]
+
+
+@pytest.mark.parametrize("argv,message", USAGE, ids=[" ".join(a) for a, _ in USAGE])
+def test_usage_mistakes_are_one_line_and_exit_2(capsys, argv, message):
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(message), captured.err
+    assert captured.err.count("\n") == 1 and captured.out == ""
+
+
+@pytest.mark.parametrize("command", ["run", "ablate", "finetune"])
+def test_training_flags_are_the_train_config_fields_with_its_defaults(command):
+    """Every TrainConfig field is a flag of the training commands; unset, it is the field's default."""
+    import dataclasses
+
+    from ctkd_bench.cli import cli
+    from ctkd_bench.runner import TrainConfig
+
+    argv = {"run": [], "ablate": ["sra"], "finetune": ["--model", "m", "--out", "o"]}[command]
+    params = cli.commands[command].make_context(command, argv).params
+    for field in dataclasses.fields(TrainConfig):
+        expected = 2e-5 if (command, field.name) == ("finetune", "lr") else field.default
+        assert params[field.name] == expected, field.name
+
+
+def test_config_refuses_a_flag_given_even_at_its_default_value(tmp_path, capsys):
+    assert main(["run", "--config", str(tmp_path / "x.yaml"), "--steps", "100"]) == 2
+    assert "--steps cannot be combined with --config" in capsys.readouterr().err
+    assert main(["run", "--config", str(tmp_path / "x.yaml"), "--max-prompt-length", "256"]) == 2
+    assert "--max-prompt-length cannot be combined with --config" in capsys.readouterr().err
 
 
 def test_list_shows_methods_aliases_and_sources(capsys):
@@ -356,14 +401,18 @@ def test_ablate_runs_each_declared_ablation_and_prints_the_table(tmp_path, share
         by_name = {r["ablation"]: r["losses"]["final"] for r in records}
         assert by_name["half-ce"]["loss"] == pytest.approx(0.5 * by_name["half-ce"]["ce"], rel=1e-5)
         table = capsys.readouterr().out
-        assert "| ablation | status | loss | ce | s/step | peak MB |" in table
-        assert "| full | finished |" in table and "| half-ce | finished |" in table
+        # the report's ablation table (ablations.md), one row per ablation
+        from ctkd_bench import report, results
+
+        expected = report.ablation_markdown(results.scan(tmp_path).records, "test-ablatable")
+        assert expected.rstrip("\n") in table
+        assert "| ablation | loss | ce |" in expected and "| full |" in expected and "| half-ce |" in expected
 
         assert (
             main(args) == 0
         )  # resumes: both records exist, nothing is retrained, the table is printed again
         out = capsys.readouterr().out
-        assert out.count("skip ") == 2 and "| half-ce | finished |" in out
+        assert out.count("skip ") == 2 and expected.rstrip("\n") in out
 
         assert main(["ablate", "test-ablatable", "--ablations", "nope", "--pair", TINY_PAIR]) == 2
         assert "has no ablation 'nope'; its ablations: full, half-ce" in capsys.readouterr().err

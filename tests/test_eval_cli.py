@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from rouge_score import rouge_scorer
 
-from ctkd_bench.cli import ablation_table, main
+from ctkd_bench.cli import _ablation_summary, main
 from ctkd_bench.runner import RunOutcome
 
 TINY_PAIR = "tiny-gemma3:tiny-smollm2"
@@ -99,38 +99,18 @@ def test_run_reports_missing_eval_data_before_it_trains(flags, tmp_path, capsys,
     assert not list(tmp_path.glob("*.json"))
 
 
-def test_ablation_table_shows_eval_scores_as_mean_and_std():
-    def record(name, dolly, vicuna, average):
-        return {
-            "ablation": name,
-            "status": "finished",
-            "losses": {"final": {"loss": 1.0, "ce": 2.0}},
-            "cost": {"seconds_per_step": 1.5, "peak_memory_mb": 100.0},
-            "eval": {
-                "tasks": {"dolly": dolly, "vicuna": vicuna},
-                "average": average,
-            },
-        }
-
-    rows = [
-        (
-            RunOutcome("sra/full", Path("full.json"), "finished"),
-            record(
-                "full", {"mean": 20.0, "std": 1.0}, {"mean": 10.0, "std": 0.5}, {"mean": 15.0, "std": 0.7}
-            ),
-        ),
-        (
-            RunOutcome("sra/no-regularizer", Path("nr.json"), "finished"),
-            record("no-regularizer", {"mean": 18.25, "std": None}, {"mean": 12.0, "std": None}, None),
-        ),
+def test_ablate_summary_names_every_run_the_table_leaves_out(tmp_path):
+    """`ablate` prints the report's table of finished records, then one line per failed or busy run."""
+    failed = {"status": "failed", "method": "sra", "ablation": "x", "failure": "non-finite loss at step 3"}
+    outcomes = [
+        RunOutcome("sra@x", tmp_path / "x.json", "failed", failed),
+        RunOutcome("sra@y", tmp_path / "y.json", "running"),  # locked by another process, no record here
     ]
-    lines = ablation_table(rows).splitlines()
-    assert lines[0] == "| ablation | status | loss | ce | dolly | vicuna | average | s/step | peak MB |"
-    assert (
-        lines[2]
-        == "| full | finished | 1.0000 | 2.0000 | 20.00 ± 1.00 | 10.00 ± 0.50 | 15.00 ± 0.70 | 1.50 | 100 |"
-    )
-    assert lines[3] == "| no-regularizer | finished | 1.0000 | 2.0000 | 18.25 | 12.00 | – | 1.50 | 100 |"
+    assert _ablation_summary("sra", outcomes).splitlines() == [
+        "no finished sra ablation to tabulate",
+        "sra@x: failed (non-finite loss at step 3)",
+        "sra@y: running",
+    ]
 
 
 def test_eval_every_selects_the_best_dev_checkpoint_without_eval_tasks(tmp_path, shared_data):

@@ -9,22 +9,24 @@ from __future__ import annotations
 
 import math
 import random
+import shutil
 import statistics
 
 import pytest
 import torch
 from rouge_score import rouge_scorer
 
-from ctkd_bench import zoo
+from ctkd_bench import evaluation, zoo
 from ctkd_bench.errors import UserError
 from ctkd_bench.evaluation import (
-    GROUP_NAME,
-    GROUP_TASKS,
-    TASK_NAMES,
+    STOP_SEQUENCES,
     EvalConfig,
     evaluate,
     format_table,
     rouge_l,
+    task_catalog,
+    task_group,
+    task_names,
     tasks_dir,
 )
 
@@ -117,18 +119,57 @@ def test_rouge_l_takes_the_max_over_references():
         rouge_l(prediction, [])
 
 
-def test_task_names_are_the_yaml_tasks():
+def test_the_catalog_is_what_lm_eval_reads_from_the_yamls():
     from lm_eval.tasks import TaskManager
 
     manager = TaskManager(include_path=str(tasks_dir()), include_defaults=False)
-    assert sorted(manager.all_tasks) == sorted(TASK_NAMES)
-    assert manager.all_groups == [GROUP_NAME]
+    catalog, group = task_catalog(), task_group()
+    assert sorted(manager.all_tasks) == sorted(task_names())
+    assert manager.all_groups == [group.name] == ["ctkd-instruct"]
+    assert group.members == tuple(manager.task_index[group.name].cfg["task"])
+    assert group.metrics == ("rougeL",)
+    for name, info in catalog.items():
+        cfg = manager.task_index[name].cfg
+        assert info.name == name == cfg["task"]
+        assert info.title == cfg["task_alias"]
+        assert info.metrics == tuple(m["metric"] for m in cfg["metric_list"]) == ("rougeL",)
+        assert (info.source, info.split) == (cfg["dataset_kwargs"]["source"], cfg["dataset_kwargs"]["split"])
+        assert info.in_group == (name in group.members)
+        assert tuple(cfg["generation_kwargs"]["until"]) == STOP_SEQUENCES
+    # the order and titles of the paper's tables (DSKD's column order; dolly_dev never reported)
+    assert [(name, info.title) for name, info in catalog.items()] == [
+        ("dolly", "Dolly"),
+        ("dolly_dev", "Dolly (dev)"),
+        ("selfinst", "SelfInst"),
+        ("vicuna", "Vicuna"),
+        ("sinst", "S-NI"),
+        ("uinst", "UnNI"),
+        ("dialogsum", "DialogSum"),
+    ]
+    assert [name for name, info in catalog.items() if not info.in_group] == ["dolly_dev", "uinst"]
+    assert EvalConfig().tasks == (group.name,)
+
+
+def test_a_task_yaml_without_an_order_or_with_a_taken_one_is_refused(tmp_path, monkeypatch):
+    folder = tmp_path / "tasks"
+    shutil.copytree(tasks_dir(), folder, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(evaluation, "tasks_dir", lambda: folder)
+    (folder / "extra.yaml").write_text(
+        "include: _instruct_template.yaml\ntask: extra\ndataset_kwargs: {source: dolly, split: test}\n"
+    )
+    with pytest.raises(ValueError, match="extra.yaml needs a numeric metadata.order"):
+        task_catalog()
+    (folder / "extra.yaml").write_text((folder / "extra.yaml").read_text() + "metadata: {order: 3}\n")
+    with pytest.raises(ValueError, match="the same metadata.order"):
+        task_catalog()
+    (folder / "extra.yaml").write_text((folder / "extra.yaml").read_text().replace("order: 3", "order: 0"))
+    assert list(task_catalog())[0] == "extra" and task_catalog()["extra"].title == "extra"
 
 
 # ------------------------------------------------------------------------------------ through lm-eval
 
 
-def test_dolly_greedy_scores_four_samples_and_restores_train_mode(wordy, shared_data):
+def test_dolly_greedy_scores_four_samples_and_restores_train_mode(wordy, shared_data, capfd):
     model, tok = wordy
     assert model.training
     torch.manual_seed(123)
@@ -136,7 +177,13 @@ def test_dolly_greedy_scores_four_samples_and_restores_train_mode(wordy, shared_
     expected_draw = (torch.rand(3), random.random())
     torch.manual_seed(123)
     random.seed(7)
+    import lm_eval.api.task
+
+    bar = lm_eval.api.task.tqdm
+    capfd.readouterr()
     result = evaluate(model, tok, config(tasks=("dolly",), data_dir=str(shared_data)), progress=False)
+    assert "it/s" not in capfd.readouterr().err  # no progress bar at all: not even lm-eval's context bar
+    assert lm_eval.api.task.tqdm is bar
     assert model.training  # put back in train mode
     assert torch.equal(torch.rand(3), expected_draw[0]) and random.random() == expected_draw[1]  # RNG kept
 
@@ -175,14 +222,110 @@ def test_eval_mode_model_stays_in_eval_mode(smol, shared_data):
 
 def test_group_gives_one_score_per_set_and_their_mean(wordy, shared_data):
     model, tok = wordy
-    result = evaluate(model, tok, config(tasks=(GROUP_NAME,), limit=2, data_dir=str(shared_data)), False)
-    assert list(result.tasks) == list(GROUP_TASKS)
+    group = task_group()
+    result = evaluate(model, tok, config(tasks=(group.name,), limit=2, data_dir=str(shared_data)), False)
+    assert list(result.tasks) == list(group.members)
     assert all(res.n == 2 for res in result.tasks.values())
-    set_scores = [result.tasks[name].scores[10] for name in GROUP_TASKS]
-    assert result.groups[GROUP_NAME][10] == pytest.approx(sum(set_scores) / len(set_scores))
+    set_scores = [result.tasks[name].scores[10] for name in group.members]
+    assert result.groups[group.name][10] == pytest.approx(sum(set_scores) / len(set_scores))
     assert result.average == pytest.approx(sum(set_scores) / len(set_scores))
     assert any(score > 0 for score in set_scores)
-    assert f"**{GROUP_NAME}**" in format_table(result)
+    assert f"**{group.name}**" in format_table(result)
+    assert all("metrics" not in task for task in result.to_record()["tasks"].values())  # rougeL only
+
+
+TWO_METRICS_YAML = """\
+include: _instruct_template.yaml
+task: twometric
+task_alias: Two metrics
+dataset_kwargs:
+  source: dolly
+  split: test
+test_split: test
+process_results: !function twometric.process_results
+metric_list:
+  - metric: rougeL
+    aggregation: mean
+    higher_is_better: true
+  - metric: words
+    aggregation: mean
+    higher_is_better: true
+generation_kwargs:
+  until:
+    - "### Instruction"
+  do_sample: false
+  max_gen_toks: 8
+metadata:
+  version: 1.0
+  order: 99
+"""
+TWO_METRICS_PY = """\
+from ctkd_bench.evaluation import rouge_l
+
+
+def process_results(doc, results):
+    return {"rougeL": rouge_l(results[0], doc["references"]), "words": float(len(results[0].split()))}
+"""
+
+
+def _two_metric_task(folder):
+    (folder / "twometric.yaml").write_text(TWO_METRICS_YAML)
+    (folder / "twometric.py").write_text(TWO_METRICS_PY)
+
+
+def _check_two_metrics(result):
+    res = result.tasks["twometric"]
+    samples = result.samples["twometric"][10]
+    assert res.metric == "rougeL" and res.n == len(samples) == 2
+    assert set(res.metrics[10]) == {"rougeL", "words"}
+    assert res.metrics[10]["words"] == pytest.approx(
+        statistics.fmean(len(s.prediction.split()) for s in samples)
+    )
+    assert res.metrics[10]["words"] > 0
+    assert (
+        res.scores[10]
+        == res.metrics[10]["rougeL"]
+        == pytest.approx(statistics.fmean(s.score for s in samples))
+    )
+    assert result.to_record()["tasks"]["twometric"]["metrics"] == {"10": res.metrics[10]}
+
+
+def test_a_second_metric_in_the_yaml_reaches_the_result_of_ours(wordy, shared_data, tmp_path, monkeypatch):
+    """A task of ours with two metrics (one YAML entry, one process_results key): both are read."""
+    model, tok = wordy
+    folder = tmp_path / "tasks"
+    shutil.copytree(tasks_dir(), folder, ignore=shutil.ignore_patterns("__pycache__"))
+    _two_metric_task(folder)
+    monkeypatch.setattr(evaluation, "tasks_dir", lambda: folder)
+    info = task_catalog()["twometric"]
+    assert (info.title, info.metrics, info.in_group) == ("Two metrics", ("rougeL", "words"), False)
+    result = evaluate(model, tok, config(tasks=("twometric",), limit=2, data_dir=str(shared_data)), False)
+    _check_two_metrics(result)
+    assert result.tasks["twometric"].truncated_prompts == 0  # scored as ours
+    assert result.rouge_tasks == ["twometric"]
+
+
+def test_a_second_metric_in_the_yaml_reaches_the_result_of_a_builtin(
+    wordy, shared_data, tmp_path, monkeypatch
+):
+    """The same task as an lm-eval registry task (not ours): the same two metrics, read the same way."""
+    from lm_eval.tasks import TaskManager
+
+    model, tok = wordy
+    folder = tmp_path / "registry"
+    folder.mkdir()
+    for name in ("_instruct_template.yaml", "utils.py"):
+        shutil.copy(tasks_dir() / name, folder / name)
+    _two_metric_task(folder)
+    manager = TaskManager(
+        include_path=str(folder), include_defaults=False, metadata={"data_dir": str(shared_data)}
+    )
+    monkeypatch.setattr(evaluation, "_default_task_manager", lambda: manager)
+    assert "twometric" not in task_names()
+    result = evaluate(model, tok, config(tasks=("twometric",), limit=2), False)
+    _check_two_metrics(result)
+    assert result.tasks["twometric"].truncated_prompts is None  # scored as lm-eval's
+    assert result.rouge_tasks == [] and result.average is None
 
 
 def test_sampling_seeds_give_per_seed_scores_and_a_std(wordy, shared_data):

@@ -79,7 +79,16 @@ def side(ids_rows: list[list[int]], starts: list[int], ends: list[int], eos: lis
     )
 
 
+def ends_with_eos(side: SideBatch) -> torch.Tensor:
+    """bool ``[B]``: the side carries a label at ``response_end`` (its EOS)."""
+    end, length = side.response_end, side.labels.shape[1]
+    at = side.labels.gather(1, end.clamp(max=length - 1).unsqueeze(1)).squeeze(1)
+    return (end < length) & (at != -100)
+
+
 def make_batch(student: SideBatch, teacher: SideBatch, spans: list[list[tuple]], masks=None) -> DistillBatch:
+    """The batch collate builds: spans, and the EOS chunk ``(s_eos, s_eos + 1, t_eos, t_eos + 1)`` of the
+    examples whose two sides both end with EOS (what the encoder decides)."""
     count = max(1, max(len(s) for s in spans))
     table = torch.zeros(len(spans), count, 4, dtype=torch.long)
     mask = torch.zeros(len(spans), count, dtype=torch.bool)
@@ -87,6 +96,9 @@ def make_batch(student: SideBatch, teacher: SideBatch, spans: list[list[tuple]],
         for k, row in enumerate(rows):
             table[b, k] = torch.tensor(row)
             mask[b, k] = True if masks is None else masks[b][k]
+    eos_mask = ends_with_eos(student) & ends_with_eos(teacher)
+    s_eos, t_eos = student.response_end, teacher.response_end
+    eos_span = torch.stack([s_eos, s_eos + 1, t_eos, t_eos + 1], 1) * eos_mask[:, None]
     return DistillBatch(
         student=student,
         teacher=teacher,
@@ -95,6 +107,8 @@ def make_batch(student: SideBatch, teacher: SideBatch, spans: list[list[tuple]],
         token_pairs=torch.zeros(len(spans), 0, 2, dtype=torch.long),
         pair_mask=torch.zeros(len(spans), 0, dtype=torch.bool),
         uids=tuple(str(b) for b in range(len(spans))),
+        eos_span=eos_span,
+        eos_mask=eos_mask,
     )
 
 

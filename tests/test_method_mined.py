@@ -10,7 +10,7 @@ import torch
 from reference_loops import dtw_reference
 
 from ctkd_bench.alignment import MinedAligner, dtw_align
-from ctkd_bench.alignment.mined import build_vocab_map, min_edit_vocab_map
+from ctkd_bench.alignment.mined import MinedPairs, build_vocab_map, min_edit_vocab_map
 from ctkd_bench.api import MethodContext, ModelOutputs, VocabMap, get_method
 from ctkd_bench.data.batch import collate
 from ctkd_bench.data.encode import PairEncoder
@@ -63,10 +63,8 @@ def test_mined_loss_by_hand():
     w_t = torch.tensor([[1.0, 2.0], [-1.0, 0.5], [3.0, 3.0]])
     from types import SimpleNamespace
 
-    side = SimpleNamespace(labels=labels)
-    batch = SimpleNamespace(
-        student=side, mined_pairs=torch.tensor([[[1, 1], [0, 0]]]), mined_mask=torch.tensor([[True, False]])
-    )
+    aligned = MinedPairs(torch.tensor([[[1, 1], [0, 0]]]), torch.tensor([[True, False]]))
+    batch = SimpleNamespace(student=SimpleNamespace(labels=labels), artifact={"mined": aligned}.__getitem__)
     terms = method(
         batch,
         ModelOutputs(s_logits, None, None, None, 3),
@@ -89,11 +87,13 @@ def test_mined_loss_by_hand():
 def test_same_tokenizer_reduces_to_vanilla_kd(smol_tok):
     vocab_map = build_vocab_map(smol_tok, smol_tok)
     assert torch.equal(vocab_map.student_ids, vocab_map.teacher_ids)  # identity on every non-special token
-    encoder = PairEncoder(smol_tok, smol_tok, mined=MinedAligner(smol_tok, smol_tok, vocab_map))
+    encoder = PairEncoder(
+        smol_tok, smol_tok, artifacts={"mined": MinedAligner(smol_tok, smol_tok, vocab_map)}
+    )
     text = "Alignment is the identity when both sides tokenize alike."
     enc = encoder.encode(Example(format_prompt("Say it."), text, (text,), "m/1"))
     pos = np.arange(enc.student.response_start - 1, enc.student.response_end)
-    assert enc.mined_pairs.tolist() == np.stack([pos, pos], 1).tolist()  # every position aligned 1:1
+    assert enc.artifacts["mined"].tolist() == np.stack([pos, pos], 1).tolist()  # every position aligned 1:1
 
     batch = collate([enc], smol_tok.pad_token_id, smol_tok.pad_token_id)
     torch.manual_seed(0)
@@ -122,7 +122,11 @@ def test_real_pair_alignment_keeps_identical_words(smol_tok, gemma_tok):
         t_id = gemma_tok.convert_tokens_to_ids(word.replace("Ġ", "▁"))
         t2s[t_id] = s_id
     vocab_map = VocabMap(torch.from_numpy(t2s), torch.tensor([0]), torch.tensor([0]))
-    encoder = PairEncoder(smol_tok, gemma_tok, mined=MinedAligner(smol_tok, gemma_tok, vocab_map))
+    encoder = PairEncoder(
+        smol_tok, gemma_tok, artifacts={"mined": MinedAligner(smol_tok, gemma_tok, vocab_map)}
+    )
     enc = encoder.encode(Example("Q\n", "the cat sat.", ("the cat sat.",), "m/2"))
-    s_read = [smol_tok.convert_ids_to_tokens(int(enc.student.input_ids[s])) for s, _ in enc.mined_pairs]
+    s_read = [
+        smol_tok.convert_ids_to_tokens(int(enc.student.input_ids[s])) for s, _ in enc.artifacts["mined"]
+    ]
     assert s_read == ["the", "Ġcat", "Ġsat", "."]  # aligned positions read the same word on both sides

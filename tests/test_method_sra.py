@@ -503,11 +503,11 @@ def test_spans_of_real_tokenizers_with_byte_tokens_give_finite_centres(smol_tok,
         )
         assert centres.shape == (1, k, model.config.hidden_size)
         assert torch.isfinite(centres).all() and (span_mass > 0).all()
+    from ctkd_bench import zoo
     from ctkd_bench.alignment import shared_vocab
 
-    context = MethodContext(
-        student.config, teacher.config, smol_tok, gemma_tok, shared_vocab(smol_tok, gemma_tok), False
-    )
+    shared = shared_vocab(smol_tok, gemma_tok, zoo.cache_dir())
+    context = MethodContext(student.config, teacher.config, smol_tok, gemma_tok, shared, False)
     method = SRA(SRA.Config(), context)
     heads = [
         partial(lm_head_logits, m, vocab_size=len(t)) for m, t in ((student, smol_tok), (teacher, gemma_tok))

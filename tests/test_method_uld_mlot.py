@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import math
 
-import ctkd_bench.methods.uld as uld_module
 import pytest
 import torch
 from ctkd_bench.methods.multilevel_ot import sinkhorn_transport_cost
 
+from ctkd_bench import losses
 from ctkd_bench.alignment.positions import align_response_positions
 from ctkd_bench.api import ModelOutputs, apply_overrides, get_method
 from ctkd_bench.cli import main
@@ -35,15 +35,18 @@ def _side(labels: list[list[int]]) -> SideBatch:
 
 
 def _batch(s_labels: list[list[int]], t_labels: list[list[int]]) -> DistillBatch:
+    """A batch of two label grids, with the ``response_positions`` artifact collate would build."""
     size = len(s_labels)
+    student, teacher = _side(s_labels), _side(t_labels)
     return DistillBatch(
-        student=_side(s_labels),
-        teacher=_side(t_labels),
+        student=student,
+        teacher=teacher,
         spans=torch.zeros(size, 0, 4, dtype=torch.long),
         span_mask=torch.zeros(size, 0, dtype=torch.bool),
         token_pairs=torch.zeros(size, 0, 2, dtype=torch.long),
         pair_mask=torch.zeros(size, 0, dtype=torch.bool),
         uids=tuple(f"x{i}" for i in range(size)),
+        artifacts={"response_positions": align_response_positions(student.labels, teacher.labels)},
     )
 
 
@@ -103,7 +106,7 @@ T_LABELS = [
 
 
 def test_response_start_alignment_with_different_prompt_lengths_and_min_length():
-    aligned = align_response_positions(_batch(S_LABELS, T_LABELS))
+    aligned = _batch(S_LABELS, T_LABELS).artifact("response_positions")
     got = list(zip(aligned.rows.tolist(), aligned.student_pos.tolist(), aligned.teacher_pos.tolist()))
     assert got == loop_response_pairs(S_LABELS, T_LABELS)
     assert got == [(0, 1, 2), (0, 2, 3), (0, 3, 4), (1, 0, 3), (1, 1, 4)]  # min(3, 4) and min(5, 2)
@@ -139,7 +142,7 @@ def test_uld_temperature_divides_both_sides():
 
 
 def test_uld_is_zero_for_identical_tokenizers_and_distributions(smol_tok):
-    encoder = PairEncoder(smol_tok, smol_tok)
+    encoder = PairEncoder(smol_tok, smol_tok, artifacts={"response_positions": None})
     text = "Sorting both distributions gives the same vector, so the distance vanishes."
     enc = encoder.encode(Example(format_prompt("Say it."), text, (text,), "u/1"))
     batch = collate([enc], smol_tok.pad_token_id, smol_tok.pad_token_id)
@@ -147,7 +150,7 @@ def test_uld_is_zero_for_identical_tokenizers_and_distributions(smol_tok):
     logits = torch.randn(1, len(enc.student), len(smol_tok)) * 4
     terms = _method("uld")(batch, *_outs(logits.clone().requires_grad_(), logits))
     assert (
-        align_response_positions(batch).rows.numel()
+        batch.artifact("response_positions").rows.numel()
         == enc.student.response_end - enc.student.response_start + 1
     )
     assert abs(terms["kd"].item()) < 1e-6
@@ -164,7 +167,7 @@ def test_uld_chunking_and_checkpointing_change_neither_value_nor_gradient(monkey
     batch = _batch(S_LABELS, T_LABELS)
     results = []
     for elements in (1 << 24, 6, 13):  # one chunk; one position per chunk; two positions per chunk
-        monkeypatch.setattr(uld_module, "CHUNK_ELEMENTS", elements)
+        monkeypatch.setattr(losses, "CHUNK_ELEMENTS", elements)
         s_logits = base_s.clone().requires_grad_()
         kd = _method("uld")(batch, *_outs(s_logits, t_logits))["kd"]
         kd.backward()
@@ -197,6 +200,7 @@ def test_uld_weights_dskd_by_default_and_the_paper_when_original():
     assert _method("uld", original="true").loss_weights() == {"ce": 1.0, "kd": 1.5}
     needs = get_method("uld").needs(get_method("uld").Config())
     assert needs.teacher_logits and needs.tokenizers == "any"
+    assert needs.alignment == frozenset({"response_positions"})  # built per batch in collate
 
 
 @pytest.mark.parametrize("name", ["uld", "multilevel-ot"])
@@ -360,7 +364,7 @@ def test_multilevel_ot_on_a_padded_batch_equals_the_loop_with_top_k_padding(monk
     batch = _batch(S_LABELS, T_LABELS)
     expected, _, _ = loop_mlot(s_logits, t_logits, S_LABELS, T_LABELS, top_k=5)  # student has only 4
     for elements in (1 << 24, 7):  # one chunk, then one position per chunk
-        monkeypatch.setattr(uld_module, "CHUNK_ELEMENTS", elements)
+        monkeypatch.setattr(losses, "CHUNK_ELEMENTS", elements)
         terms = _method("multilevel-ot", top_k=5)(batch, *_outs(s_logits, t_logits))
         for key, value in expected.items():
             assert terms[key].item() == pytest.approx(value, rel=1e-5), (key, elements)
@@ -385,7 +389,7 @@ def test_multilevel_ot_reduction_is_the_originals_per_example_mean_by_default():
     torch.manual_seed(8)
     s_logits, t_logits = torch.randn(4, 8, 7) * 3, torch.randn(4, 9, 9) * 3
     batch = _batch(LONG_S, LONG_T)
-    assert align_response_positions(batch).counts.tolist() == [3, 5, 2, 6]
+    assert batch.artifact("response_positions").counts.tolist() == [3, 5, 2, 6]
     by_example, _, _ = loop_mlot(s_logits, t_logits, LONG_S, LONG_T, top_k=6)
     by_token, _, _ = loop_mlot(s_logits, t_logits, LONG_S, LONG_T, top_k=6, reduction="token")
     default = _method("multilevel-ot", top_k=6)
@@ -422,7 +426,7 @@ def test_multilevel_ot_gradients_reach_the_student_never_the_teacher(monkeypatch
     t_logits = torch.randn(3, 7, 6, requires_grad=True)
     grads = []
     for elements in (1 << 24, 7):  # checkpointed chunks give the same gradient
-        monkeypatch.setattr(uld_module, "CHUNK_ELEMENTS", elements)
+        monkeypatch.setattr(losses, "CHUNK_ELEMENTS", elements)
         s_logits = base.clone().requires_grad_()
         terms = _method("multilevel-ot", top_k=3)(_batch(S_LABELS, T_LABELS), *_outs(s_logits, t_logits))
         terms["kd"].backward()

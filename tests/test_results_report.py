@@ -220,8 +220,10 @@ def _read(out, name: str) -> str:
 # ---------------------------------------------------------------------------------------------- results
 
 
-def test_load_gives_one_row_per_record_and_task(frame):
-    assert set(results.COLUMNS) <= set(frame.columns)
+def test_load_gives_one_row_per_record_and_task(folder, frame):
+    assert list(frame.columns) == results.COLUMNS  # COLUMNS names exactly the frame's columns
+    for path, record in results.scan(folder).records:
+        assert all(sorted(row) == sorted(results.COLUMNS) for row in results.record_rows(path, record))
     # 6 records with eval x (2 sets + average) + failed + old (one row each)
     assert len(frame) == 6 * 3 + 2
     assert frame["record"].nunique() == 8
@@ -370,6 +372,16 @@ def test_ablation_and_cost_tables(out):
     )
 
 
+def test_ablation_markdown_is_the_reports_ablation_table(folder, out):
+    """What `ctkd-bench ablate` can print: the table ablations.md has, from records or from the frame."""
+    text = report.ablation_markdown(results.scan(folder).records, "sra")
+    assert text.startswith(f"## sra — {PAIR}\n\n| ablation | Dolly | Vicuna | Avg. | loss | ce | reg |\n")
+    assert text == _read(out, "ablations.md").removeprefix("# Ablations\n\n")
+    with pytest.warns(results.RecordWarning):
+        assert report.ablation_markdown(results.load(folder), "sra") == text
+    assert report.ablation_markdown(results.scan(folder).records, "uld") == ""
+
+
 def test_figures_and_index(out):
     folder, written = out
     for stem in ("scores", "cost_vs_score", "loss_curves"):
@@ -467,6 +479,30 @@ def test_paired_bootstrap_extremes():
         report.paired_bootstrap([], resamples=10)
 
 
+def test_paired_bootstrap_draws_what_scipy_bootstrap_draws():
+    """The numpy function against scipy.stats.bootstrap on the same data and seed: the same p-value."""
+    import inspect
+
+    from scipy import stats
+
+    # scipy >= 1.15 names the generator `rng`, older versions `random_state` (both draw the same stream)
+    seed_arg = "rng" if "rng" in inspect.signature(stats.bootstrap).parameters else "random_state"
+    d = np.random.default_rng(3).normal(0.3, 1.0, 25)
+    e = np.random.default_rng(4).normal(-0.1, 2.0, 8)
+    for strata in ([d], [d, e]):
+        found = stats.bootstrap(
+            strata,
+            lambda *samples, axis: sum(s.mean(axis=axis) for s in samples) / len(samples),
+            n_resamples=500,
+            vectorized=True,
+            method="percentile",
+            **{seed_arg: np.random.default_rng(11)},
+        )
+        expected = float(np.mean(found.bootstrap_distribution <= 0))
+        assert report.paired_bootstrap(strata, resamples=500, rng=np.random.default_rng(11)) == expected
+        assert 0 < expected < 1
+
+
 def test_a_method_under_other_settings_is_its_own_row_not_a_newer_record():
     from dataclasses import asdict
 
@@ -480,6 +516,45 @@ def test_a_method_under_other_settings_is_its_own_row_not_a_newer_record():
     no_com = {**defaults, "com_weighting": "uniform"}
     assert results.settings_variant("sra", "no-com-weighting", no_com) == ""
     assert results.settings_variant("not-installed", None, uniform) == ""
+    # the defaults a record stores win over any other
+    assert results.settings_variant("sra", None, uniform, defaults=uniform) == ""
+    assert results.settings_variant("not-installed", None, uniform, defaults=defaults) == (
+        "com_weighting=uniform, span_weighting=uniform"
+    )
+
+
+def _sra_record(config: dict, **extra) -> dict:
+    record = _run_record("sra")
+    record.update(method_config=config, **extra)
+    return results.upgrade(record)
+
+
+def test_a_label_depends_only_on_what_the_record_stores(monkeypatch):
+    """A record run with the defaults of its time keeps its label when the method's default changes."""
+    from dataclasses import asdict, dataclass
+
+    from ctkd_bench.api import get_method
+
+    cls = get_method("sra")
+    today = asdict(cls.Config())
+    assert today["span_kd_reduction"] == "sum"
+    old = _sra_record(today)  # written before records stored their defaults
+    mean = {**today, "span_kd_reduction": "mean"}
+    recorded = _sra_record(mean, method_defaults=mean)  # the defaults it ran with, stored in it
+    custom = _sra_record({**mean, "com_weighting": "uniform"}, method_defaults=mean)
+    labels = [results.record_label(r) for r in (old, recorded, custom)]
+    assert labels == ["sra", "sra", "sra [com_weighting=uniform]"]
+
+    @dataclass
+    class Changed(cls.Config):
+        span_kd_reduction: str = "mean"
+
+    monkeypatch.setattr(cls, "Config", Changed)
+    assert asdict(cls.Config())["span_kd_reduction"] == "mean"
+    assert [results.record_label(r) for r in (old, recorded, custom)] == labels
+    assert results.record_label(_sra_record(mean)) == "sra [span_kd_reduction=mean]"  # as before the change
+    frame = results.to_frame([(Path("a.json"), old), (Path("b.json"), recorded)])
+    assert list(frame["label"]) == ["sra", "sra"]
 
 
 def test_ablation_rows_follow_the_declaration_order(tmp_path):

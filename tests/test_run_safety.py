@@ -181,6 +181,52 @@ def test_a_non_finite_loss_keeps_its_step_terms_and_curve(tiny_request, monkeypa
     assert [point["step"] for point in record["losses"]["curve"]] == [1]
 
 
+def test_a_run_record_writes_its_sections_in_order_and_keeps_what_it_does_not_know(tmp_path):
+    from ctkd_bench.records import RunRecord, read_run_record
+
+    head = dict(method="sft", ablation=None, label="sft", config_hash="abc", identity={"method": "sft"})
+    head.update(method_config={}, pair={}, data={}, train={"steps": 2}, seed=10, versions={})
+    record = RunRecord(**head, git_commit=None, started_at="t0")
+    assert list(record.to_json()) == [
+        "schema_version", "status", "method", "ablation", "label", "role", "config_hash", "identity",
+        "method_config", "pair", "data", "train", "seed", "versions", "git_commit", "started_at",
+    ]  # fmt: skip
+    assert record.to_json()["status"] == "running" and record.to_json()["role"] is None  # None is written
+    record.losses, record.failure = {"final": {}, "curve": []}, "non-finite loss at step 1: {}"
+    record.failure_step, record.failure_terms = 1, {"ce": float("nan")}
+    record.mark("failed")
+    assert list(record.to_json())[-5:] == [
+        "failure_step",
+        "failure_terms",
+        "losses",
+        "failure",
+        "finished_at",
+    ]
+    path = tmp_path / "r.json"
+    record.write(path)
+    assert json.loads(path.read_text())["status"] == "failed"
+    again = read_run_record(path)
+    assert again is not None and again.to_json().keys() == record.to_json().keys()
+    newer = RunRecord.from_json({**record.to_json(), "from_the_future": 1})
+    assert newer.extra == {"from_the_future": 1} and list(newer.to_json())[-1] == "from_the_future"
+    (tmp_path / "eval.json").write_text(json.dumps({"kind": "eval", "status": "finished"}))
+    assert read_run_record(tmp_path / "eval.json") is None  # not a run record
+
+
+def test_committed_run_records_read_back_as_run_records_unchanged():
+    from ctkd_bench.records import RunRecord, read_record
+
+    root = Path(__file__).resolve().parents[1] / "results"
+    records = [read_record(p) for p in sorted(root.glob("*/*.json")) if "cpu-reference" not in p.parts]
+    runs = [r for r in records if r and "config_hash" in r and "method" in r]
+    assert len(runs) > 10
+    for payload in runs:
+        back = RunRecord.from_json(payload).to_json()
+        if "role" not in payload:  # records from before roles existed
+            assert back.pop("role") is None
+        assert back == payload
+
+
 def test_records_of_schema_1_still_load_and_are_not_taken_for_the_new_identity():
     from ctkd_bench import results
     from ctkd_bench.records import SCHEMA_VERSION, read_record

@@ -7,12 +7,58 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from ctkd_bench import zoo
-from ctkd_bench.runner import MethodRun, TrainConfig, run
+from ctkd_bench.errors import UserError
+from ctkd_bench.records import config_hash
+from ctkd_bench.runner import MethodRun, RunRequest, TrainConfig, run
 
 PAIR = (zoo.resolve("tiny-gemma3"), zoo.resolve("tiny-smollm2"))
+
+
+def test_train_settings_from_a_mapping_are_those_of_the_constructor():
+    """The one builder (command line, experiment files, finetune) gives the same settings, hence the same
+    config hash, as the constructor; numbers written as strings (YAML's ``1e-4``) are read as numbers."""
+    given = {"steps": 3, "lr": 1, "max_prompt_tokens": 128}
+    built = TrainConfig.from_mapping(given)
+    assert built == TrainConfig(**given) and isinstance(built.lr, int)  # an int stays an int: same hash
+    assert config_hash({"t": vars(built)}) == config_hash({"t": vars(TrainConfig(**given))})
+    assert TrainConfig.from_mapping({"lr": "1e-4", "steps": "7"}) == TrainConfig(lr=1e-4, steps=7)
+
+
+@pytest.mark.parametrize(
+    "mapping, source, message",
+    [
+        ({"steps": 0}, None, "--steps must be a positive integer, got 0"),
+        ({"max_prompt_tokens": -1}, None, "--max-prompt-length must be a positive integer, got -1"),
+        ({"warmup_ratio": 1.0}, "x.yaml: train", "x.yaml: train.warmup_ratio must be in [0, 1), got 1.0"),
+        ({"batch_size": 2.5}, "x.yaml: train", "x.yaml: train.batch_size must be an integer, not 2.5"),
+        ({"lr": True}, None, "--lr must be a number, not True"),
+        ({"lr": "fast"}, None, "--lr must be a number, not 'fast'"),
+        ({"stepz": 1}, "x.yaml: train", "x.yaml: train: unknown setting 'stepz'; allowed: batch_size, "),
+    ],
+)
+def test_bad_train_settings_are_one_line_naming_the_key(mapping, source, message):
+    with pytest.raises(UserError) as err:
+        TrainConfig.from_mapping(mapping, source=source)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_excluded_train_settings_are_refused():
+    with pytest.raises(UserError, match="unknown setting 'seed'; allowed: batch_size"):
+        TrainConfig.from_mapping({"seed": 3}, source="x.yaml: train", exclude={"seed"})
+
+
+def test_a_request_from_settings():
+    request = RunRequest.from_settings(
+        [MethodRun("sft")], ["tiny-gemma3:tiny-smollm2"], train={"steps": 3}, results_dir="r", save_model=None
+    )
+    assert request.pairs == [PAIR] and request.train == TrainConfig(steps=3)
+    assert request.results_dir == Path("r") and request.save_model is None
+    with pytest.raises(UserError, match="unknown run setting 'eval_evry'; allowed: checkpoint_dir, "):
+        RunRequest.from_settings([MethodRun("sft")], [PAIR], eval_evry=3)
 
 
 def test_lora_student_saved_merged_and_reloadable(tmp_path, tiny_request):
@@ -67,9 +113,9 @@ def test_a_finished_run_releases_its_student_before_the_next_run(tiny_request, m
     def spy(**kwargs):
         gc.collect()
         alive_at_start.append(any(ref() is not None for ref in students))
-        body = original(**kwargs)
-        students.append(weakref.ref(body["_student"]))
-        return body
+        result = original(**kwargs)
+        students.append(weakref.ref(result.student))
+        return result
 
     monkeypatch.setattr(runner, "train_one", spy)
     methods = [

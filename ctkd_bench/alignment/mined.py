@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ctkd_bench.alignment.vocab import _fingerprint, token_surfaces
+from ctkd_bench.alignment.registry import TokenizerPair, pad_rows, register_alignment
+from ctkd_bench.alignment.vocab import token_surfaces, tokenizer_fingerprint
 from ctkd_bench.files import torch_save_atomic
 
 
@@ -102,15 +103,11 @@ def build_vocab_map(student_tokenizer, teacher_tokenizer, progress: bool = False
 
 
 def mined_vocab_map(
-    student_tokenizer, teacher_tokenizer, cache_dir: Path | None = None, progress: bool = False
+    student_tokenizer, teacher_tokenizer, cache_dir: Path, progress: bool = False
 ) -> VocabMap:
-    """The MinED vocabulary map, from the disk cache when this tokenizer pair was seen before."""
-    if cache_dir is None:
-        from ctkd_bench.zoo import cache_dir as default_cache
-
-        cache_dir = default_cache()
+    """The MinED vocabulary map, from the disk cache under ``cache_dir`` when this tokenizer pair was seen before."""
     key = hashlib.sha256(
-        f"{_fingerprint(student_tokenizer)}-{_fingerprint(teacher_tokenizer)}".encode()
+        f"{tokenizer_fingerprint(student_tokenizer)}-{tokenizer_fingerprint(teacher_tokenizer)}".encode()
     ).hexdigest()
     path = Path(cache_dir) / "mined" / f"{key[:24]}.pt"
     if path.is_file():
@@ -184,9 +181,10 @@ def token_edit_costs(a_texts: list[str], b_texts: list[str]) -> np.ndarray:
 
 
 class MinedAligner:
-    """Per-example MinED alignment of prediction positions, for one tokenizer pair."""
+    """Per-example MinED alignment of prediction positions, for one tokenizer pair (holds its ``vocab_map``)."""
 
     def __init__(self, student_tokenizer, teacher_tokenizer, vocab_map: VocabMap) -> None:
+        self.vocab_map = vocab_map
         self.student_texts = [t or "" for t in _texts(student_tokenizer)]
         self.teacher_texts = [t or "" for t in _texts(teacher_tokenizer)]
         self.t2s = vocab_map.teacher_to_student.numpy()
@@ -218,3 +216,53 @@ class MinedAligner:
             if len(ts) == 1 and self.t2s[t_tok[ts[0]]] == s_tok[s_i]
         ]
         return np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+
+
+# ---------------------------------------------------------------------------------- the artifact
+
+
+@dataclass(frozen=True)
+class MinedPairs:
+    """A batch's MinED alignment: ``pairs`` long ``[B, M, 2]`` rows ``(student pos, teacher pos)`` of
+    logits positions aligned by DTW (padded rows are zeros), ``mask`` bool ``[B, M]``."""
+
+    pairs: torch.Tensor
+    mask: torch.Tensor
+
+
+def predicting_positions(side) -> np.ndarray:
+    """The logits positions of one side's encoding that predict a label (response tokens and EOS).
+
+    ``side``: a :class:`~ctkd_bench.data.encode.SideEncoding` (``response_start``, ``response_end``,
+    ``has_eos``); position 0 predicts nothing before it, so a response starting at 0 loses its first.
+    """
+    pos = np.arange(side.response_start - 1, side.response_end + int(side.has_eos) - 1)
+    return pos[pos >= 0]
+
+
+def _mined_per_pair(tokenizers: TokenizerPair) -> MinedAligner:
+    vocab_map = mined_vocab_map(
+        tokenizers.student, tokenizers.teacher, tokenizers.cache_dir, progress=tokenizers.progress
+    )
+    return MinedAligner(tokenizers.student, tokenizers.teacher, vocab_map)
+
+
+def _mined_per_example(aligner: MinedAligner, example) -> np.ndarray:
+    student, teacher = example.student, example.teacher
+    return aligner.align(
+        student.input_ids, predicting_positions(student), teacher.input_ids, predicting_positions(teacher)
+    )
+
+
+def _mined_per_batch(values: list[np.ndarray], batch) -> MinedPairs:
+    return MinedPairs(*pad_rows(values, 2))
+
+
+register_alignment(
+    "mined",
+    summary="MinED: min-edit-distance vocabulary map (per pair, MethodContext.vocab_map) and the DTW "
+    "alignment of each example's prediction positions (batch.artifact('mined'): MinedPairs)",
+    per_pair=_mined_per_pair,
+    per_example=_mined_per_example,
+    per_batch=_mined_per_batch,
+)

@@ -1,18 +1,18 @@
 """Response positions paired by index (ULD, MultiLevelOT): the k-th response position of each side.
 
-A pure index computation on the two label tensors (no text), so it runs on the batch with tensor
-operations, in one place beside the span and vocabulary alignments; methods only state objectives.
+A pure index computation on the two label tensors (no text), so it runs once per batch in collate
+(the alignment artifact ``response_positions``) with tensor operations, in one place beside the span
+and vocabulary alignments; methods read it from the batch and only state objectives.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:  # the data pipeline imports this package, so the batch type is imported lazily
-    from ctkd_bench.data.batch import DistillBatch
+from ctkd_bench.alignment.registry import register_alignment
+from ctkd_bench.constants import IGNORE_INDEX
 
 
 @dataclass(frozen=True)
@@ -40,12 +40,14 @@ class AlignedPositions:
     teacher_keep: torch.Tensor
 
 
-def align_response_positions(batch: DistillBatch) -> AlignedPositions:
-    """Pair the response positions of both sides by index (ULD / MultiLevelOT alignment)."""
-    from ctkd_bench.data.batch import IGNORE_INDEX
+def align_response_positions(student_labels: torch.Tensor, teacher_labels: torch.Tensor) -> AlignedPositions:
+    """Pair the response positions of both sides by index (ULD / MultiLevelOT alignment).
 
-    s_valid = batch.student.labels[:, 1:] != IGNORE_INDEX  # [B, L_S - 1]
-    t_valid = batch.teacher.labels[:, 1:] != IGNORE_INDEX  # [B, L_T - 1]
+    ``student_labels`` long ``[B, L_S]``, ``teacher_labels`` long ``[B, L_T]``: a batch's unshifted
+    labels (``IGNORE_INDEX`` where there is no target).
+    """
+    s_valid = student_labels[:, 1:] != IGNORE_INDEX  # [B, L_S - 1]
+    t_valid = teacher_labels[:, 1:] != IGNORE_INDEX  # [B, L_T - 1]
     s_rank, t_rank = s_valid.long().cumsum(1), t_valid.long().cumsum(1)  # 1-based index among targets
     counts = torch.minimum(s_valid.sum(1), t_valid.sum(1))  # [B]
     s_keep = s_valid & (s_rank <= counts[:, None])
@@ -63,3 +65,15 @@ def align_response_positions(batch: DistillBatch) -> AlignedPositions:
         student_keep=s_keep,
         teacher_keep=t_keep,
     )
+
+
+def _response_positions_per_batch(values: list, batch) -> AlignedPositions:
+    return align_response_positions(batch.student.labels, batch.teacher.labels)
+
+
+register_alignment(
+    "response_positions",
+    summary="response positions of both sides paired by index from each response start (ULD, "
+    "MultiLevelOT; batch.artifact('response_positions'): AlignedPositions)",
+    per_batch=_response_positions_per_batch,
+)

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ctkd_bench.alignment.registry import register_alignment
+
 
 @dataclass(frozen=True)
 class SpanAlignment:
@@ -36,12 +38,15 @@ class SpanAlignment:
     tokens ``[t_start, t_end)`` encode ``text[chars[k], chars[k+1])``. Spans are contiguous, cover the
     whole region on both sides, and each holds at least one token of each side.
     ``token_pairs[p] = (s_index, t_index)``: one student token and one teacher token covering exactly
-    the same non-empty characters.
+    the same non-empty characters. ``eos_span``: the encoder's EOS chunk ``(s_eos, s_eos + 1, t_eos,
+    t_eos + 1)`` (int64 ``[4]``) when both sides end with EOS, else ``None``; the encoder then also
+    appends the EOS token pair to ``token_pairs`` (both EOS predict "the text ends here").
     """
 
     spans: np.ndarray  # int64 [K, 4]
     chars: np.ndarray  # int64 [K + 1]: span k covers text[chars[k]:chars[k+1]]
     token_pairs: np.ndarray  # int64 [P, 2]
+    eos_span: np.ndarray | None = None  # int64 [4], set by the encoder
 
 
 def cut_intervals(offsets: np.ndarray, lo: int, hi: int, char_lo: int, char_hi: int) -> np.ndarray:
@@ -135,3 +140,18 @@ def align_spans(
     keep = same_chars & non_empty
     pairs = np.stack([s_tok[keep], t_tok[keep]], axis=1).astype(np.int64)
     return SpanAlignment(spans=spans, chars=chars, token_pairs=pairs)
+
+
+# The span alignment is the base of every encoded example (one linear walk; the EOS pair and chunk, the
+# align view and the batch fields rely on it), so the encoder computes it for every example and these
+# two artifacts have no build step: naming them in Needs.alignment documents what a method reads.
+register_alignment(
+    "spans",
+    summary="the finest common segmentation of the response (SRA spans, ALM chunks): batch.spans, "
+    "batch.span_mask; the EOS chunk: batch.eos_span, batch.eos_mask (always built by the encoder)",
+)
+register_alignment(
+    "token_pairs",
+    summary="one token each side covering the same characters, plus the EOS pair: batch.token_pairs, "
+    "batch.pair_mask (always built by the encoder)",
+)

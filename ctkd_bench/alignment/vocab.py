@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from ctkd_bench.alignment.registry import TokenizerPair, register_alignment
 from ctkd_bench.files import torch_save_atomic
 
 
@@ -104,7 +105,8 @@ def token_surfaces(tokenizer) -> list[bytes | None]:
     return surfaces
 
 
-def _fingerprint(tokenizer) -> str:
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A short hash of what a tokenizer maps (vocabulary, specials, EOS, style): the key of disk caches."""
     vocab = sorted(tokenizer.get_vocab().items())
     special = sorted(tokenizer.all_special_ids)
     blob = json.dumps(
@@ -164,13 +166,12 @@ def build_shared_vocab(student_tokenizer, teacher_tokenizer) -> SharedVocab:
     )
 
 
-def shared_vocab(student_tokenizer, teacher_tokenizer, cache_dir: Path | None = None) -> SharedVocab:
-    """The shared vocabulary, from the disk cache when this tokenizer pair was seen before."""
-    if cache_dir is None:
-        from ctkd_bench.zoo import cache_dir as default_cache
-
-        cache_dir = default_cache()
-    key = f"{_fingerprint(student_tokenizer)}-{_fingerprint(teacher_tokenizer)}-v{SHARED_VOCAB_VERSION}"
+def shared_vocab(student_tokenizer, teacher_tokenizer, cache_dir: Path) -> SharedVocab:
+    """The shared vocabulary, from the disk cache under ``cache_dir`` when this tokenizer pair was seen before."""
+    key = (
+        f"{tokenizer_fingerprint(student_tokenizer)}-{tokenizer_fingerprint(teacher_tokenizer)}"
+        f"-v{SHARED_VOCAB_VERSION}"
+    )
     path = Path(cache_dir) / "vocab" / f"{key}.pt"
     if path.is_file():
         blob = torch.load(path)
@@ -178,3 +179,14 @@ def shared_vocab(student_tokenizer, teacher_tokenizer, cache_dir: Path | None = 
     result = build_shared_vocab(student_tokenizer, teacher_tokenizer)
     torch_save_atomic(path, {"student_ids": result.student_ids, "teacher_ids": result.teacher_ids})
     return result
+
+
+def _shared_vocab_per_pair(tokenizers: TokenizerPair) -> SharedVocab:
+    return shared_vocab(tokenizers.student, tokenizers.teacher, tokenizers.cache_dir)
+
+
+register_alignment(
+    "shared_vocab",
+    summary="token strings on both sides that decode to the same bytes (MethodContext.shared_vocab)",
+    per_pair=_shared_vocab_per_pair,
+)

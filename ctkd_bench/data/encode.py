@@ -20,16 +20,23 @@ Deviations, each deliberate:
   a truncated response gets no EOS (as in DSKD, where the EOS falls off the end).
 
 The teacher always receives its own tokenization of the text; nothing here ever maps ids across.
+
+Alignment: every example carries its span alignment (spans, token pairs, the EOS pair and the EOS
+chunk); the encoder then runs the per-example step of each alignment artifact it was built with
+(:mod:`ctkd_bench.alignment.registry`) and keeps the values in ``EncodedExample.artifacts``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from ctkd_bench.alignment import MinedAligner, SpanAlignment, align_spans
+from ctkd_bench.alignment import SpanAlignment, align_spans, get_alignment
 from ctkd_bench.data.sources import Example
 
 
@@ -59,10 +66,12 @@ class EncodedExample:
     prompt_chars: int  # text[:prompt_chars] is the prompt, the rest the (possibly truncated) response
     student: SideEncoding
     teacher: SideEncoding
-    alignment: SpanAlignment  # spans and token pairs of the response; EOS pair appended when both have EOS
+    # spans and token pairs of the response; with the EOS pair and the EOS chunk when both have EOS
+    alignment: SpanAlignment
     truncated: bool
-    # MinED: aligned (student, teacher) *prediction* positions (logits index), int64 [M, 2]; empty unless asked
-    mined_pairs: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))
+    # name -> per-example value of each alignment artifact the encoder builds that reaches the batch
+    # (None for an artifact without a per-example step: it is built per batch)
+    artifacts: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -97,9 +106,66 @@ class _Side:
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         return list(enc["input_ids"]), np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
 
+    def encoding(
+        self,
+        prompt: tuple[list[int], np.ndarray],
+        response: tuple[list[int], np.ndarray],
+        p_chars: int,
+        n_chars: int,
+        eos: bool,
+    ) -> SideEncoding:
+        """The side's tokens of ``prompt + response`` (both tokenized already), prefix specials first."""
+        (p_ids, p_offs), (r_ids, r_offs) = prompt, response
+        n_prefix = len(self.prefix)
+        ids = self.prefix + p_ids + r_ids + ([self.eos] if eos else [])
+        offsets = np.concatenate(
+            [
+                np.zeros((n_prefix, 2), np.int64),
+                p_offs,
+                r_offs + p_chars,
+                np.full((1 if eos else 0, 2), n_chars, np.int64),
+            ]
+        )
+        start = n_prefix + len(p_ids)
+        return SideEncoding(
+            input_ids=np.asarray(ids, np.int64),
+            offsets=offsets,
+            response_start=start,
+            response_end=start + len(r_ids),
+            has_eos=eos,
+        )
+
+
+def response_alignment(
+    student: SideEncoding, teacher: SideEncoding, p_chars: int, n_chars: int
+) -> SpanAlignment:
+    """Spans and token pairs of the response; with both EOS, their token pair and their chunk."""
+    alignment = align_spans(
+        student.offsets,
+        teacher.offsets,
+        (student.response_start, student.response_end),
+        (teacher.response_start, teacher.response_end),
+        (p_chars, n_chars),
+    )
+    if not (student.has_eos and teacher.has_eos):
+        return alignment
+    # both EOS predict "the text ends here": a token pair of their own, and a chunk of their own (ALM)
+    s_eos, t_eos = student.response_end, teacher.response_end
+    return dataclasses.replace(
+        alignment,
+        token_pairs=np.concatenate([alignment.token_pairs, np.array([[s_eos, t_eos]], np.int64)]),
+        eos_span=np.array([s_eos, s_eos + 1, t_eos, t_eos + 1], np.int64),
+    )
+
 
 class PairEncoder:
-    """Encodes :class:`Example` s for a (student, teacher) tokenizer pair."""
+    """Encodes :class:`Example` s for a (student, teacher) tokenizer pair.
+
+    ``artifacts``: name -> per-pair value of each alignment artifact to build (what
+    :func:`~ctkd_bench.alignment.build_pair_artifacts` returns; ``None`` for an artifact without a
+    per-pair step). The per-example step of each runs on every encoded example, and every artifact that
+    reaches the batch is listed in ``EncodedExample.artifacts`` so that collate builds its per-batch value.
+    """
 
     def __init__(
         self,
@@ -108,7 +174,7 @@ class PairEncoder:
         *,
         max_prompt_tokens: int = 256,
         max_length: int = 512,
-        mined: MinedAligner | None = None,
+        artifacts: Mapping[str, Any] | None = None,
     ) -> None:
         if max_length < 2:
             raise ValueError("max_length must be at least 2")
@@ -116,7 +182,8 @@ class PairEncoder:
         self.teacher = _Side(teacher_tokenizer)
         self.max_prompt_tokens = max_prompt_tokens
         self.max_length = max_length
-        self.mined = mined  # computes MinED position pairs when a method needs them
+        self.artifacts = dict(artifacts or {})
+        self._in_batch = [name for name in sorted(self.artifacts) if get_alignment(name).in_batch]
         self.stats = EncodeStats()
 
     def _skip(self, reason: str) -> None:
@@ -134,87 +201,67 @@ class PairEncoder:
         if min(rooms) < 2:
             self._skip("prompt leaves no room for the response")
             return None
-
-        response = example.response
-        responses = [side.tokenize(response) for side in sides]
-        truncated = any(len(ids) + 1 > room for (ids, _), room in zip(responses, rooms))
-        if truncated:
-            # Cut the text where every side fits (no EOS then); re-tokenizing a prefix can merge
-            # differently, so shrink until it fits (a few rounds at most).
-            for _ in range(8):
-                cut = len(response)
-                for (ids, offs), room in zip(responses, rooms):
-                    if len(ids) > room:
-                        cut = min(cut, int(offs[room - 1, 1]) if room > 0 else 0)
-                response = response[:cut]
-                responses = [side.tokenize(response) for side in sides]
-                if all(len(ids) <= room for (ids, _), room in zip(responses, rooms)):
-                    break
-            else:
-                self._skip("response could not be truncated to fit")
-                return None
-            if not response:
-                self._skip("prompt leaves no room for the response")
-                return None
+        fitted = self._fit_response(example.response, rooms)
+        if fitted is None:
+            return None
+        response, responses, truncated = fitted
 
         text = example.prompt + response
         p_chars = len(example.prompt)
-        encodings = []
-        for side, (p_ids, p_offs), (r_ids, r_offs) in zip(sides, prompts, responses):
-            n_prefix = len(side.prefix)
-            ids = side.prefix + p_ids + r_ids + ([] if truncated else [side.eos])
-            offsets = np.concatenate(
-                [
-                    np.zeros((n_prefix, 2), np.int64),
-                    p_offs,
-                    r_offs + p_chars,
-                    np.full((0 if truncated else 1, 2), len(text), np.int64),
-                ]
-            )
-            start = n_prefix + len(p_ids)
-            encodings.append(
-                SideEncoding(
-                    input_ids=np.asarray(ids, np.int64),
-                    offsets=offsets,
-                    response_start=start,
-                    response_end=start + len(r_ids),
-                    has_eos=not truncated,
-                )
-            )
-        student, teacher = encodings
-        alignment = align_spans(
-            student.offsets,
-            teacher.offsets,
-            (student.response_start, student.response_end),
-            (teacher.response_start, teacher.response_end),
-            (p_chars, len(text)),
+        student, teacher = (
+            side.encoding(p, r, p_chars, len(text), eos=not truncated)
+            for side, p, r in zip(sides, prompts, responses)
         )
-        if not truncated:  # both EOS predict "the text ends here": a token pair of their own
-            eos_pair = np.array([[student.response_end, teacher.response_end]], np.int64)
-            alignment = SpanAlignment(
-                alignment.spans, alignment.chars, np.concatenate([alignment.token_pairs, eos_pair])
-            )
         self.stats.encoded += 1
         self.stats.truncated += int(truncated)
-        return EncodedExample(
+        encoded = EncodedExample(
             uid=example.uid,
             text=text,
             prompt_chars=p_chars,
             student=student,
             teacher=teacher,
-            alignment=alignment,
+            alignment=response_alignment(student, teacher, p_chars, len(text)),
             truncated=truncated,
-            mined_pairs=self._mined_pairs(student, teacher),
+        )
+        return (
+            dataclasses.replace(encoded, artifacts=self._example_artifacts(encoded))
+            if self._in_batch
+            else encoded
         )
 
-    def _mined_pairs(self, student: SideEncoding, teacher: SideEncoding) -> np.ndarray:
-        if self.mined is None:
-            return np.zeros((0, 2), np.int64)
+    def _fit_response(self, response: str, rooms: list[int]) -> tuple[str, list, bool] | None:
+        """The response (cut where every side fits when needed), its tokenization per side, whether cut.
 
-        def predicting(side: SideEncoding) -> np.ndarray:  # positions whose logits predict a label
-            pos = np.arange(side.response_start - 1, side.response_end + int(side.has_eos) - 1)
-            return pos[pos >= 0]
+        ``None`` (counted) when it cannot be made to fit. A cut response gets no EOS.
+        """
+        sides = (self.student, self.teacher)
+        responses = [side.tokenize(response) for side in sides]
+        truncated = any(len(ids) + 1 > room for (ids, _), room in zip(responses, rooms))
+        if not truncated:
+            return response, responses, False
+        # Cut the text where every side fits (no EOS then); re-tokenizing a prefix can merge
+        # differently, so shrink until it fits (a few rounds at most).
+        for _ in range(8):
+            cut = len(response)
+            for (ids, offs), room in zip(responses, rooms):
+                if len(ids) > room:
+                    cut = min(cut, int(offs[room - 1, 1]) if room > 0 else 0)
+            response = response[:cut]
+            responses = [side.tokenize(response) for side in sides]
+            if all(len(ids) <= room for (ids, _), room in zip(responses, rooms)):
+                break
+        else:
+            self._skip("response could not be truncated to fit")
+            return None
+        if not response:
+            self._skip("prompt leaves no room for the response")
+            return None
+        return response, responses, True
 
-        return self.mined.align(
-            student.input_ids, predicting(student), teacher.input_ids, predicting(teacher)
-        )
+    def _example_artifacts(self, encoded: EncodedExample) -> dict[str, Any]:
+        """The per-example value of every artifact that reaches the batch (``None``: built per batch)."""
+        values: dict[str, Any] = {}
+        for name in self._in_batch:
+            step = get_alignment(name).per_example
+            values[name] = step(self.artifacts[name], encoded) if step is not None else None
+        return values
