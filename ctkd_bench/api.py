@@ -33,8 +33,8 @@ import dataclasses
 import importlib
 import pkgutil
 import typing
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -140,6 +140,9 @@ class MethodContext:
     # Gemma: sqrt(hidden_size)), measured by the runner on the loaded models
     student_embedding_scale: float = 1.0
     teacher_embedding_scale: float = 1.0
+    # the per-pair value of every alignment artifact the runs of this pair named (name -> value; e.g.
+    # "word_starts"); shared_vocab and vocab_map above are two of them, kept as fields
+    alignment: Mapping[str, Any] = field(default_factory=dict)
 
 
 class Distiller(nn.Module):

@@ -6,15 +6,18 @@ prints s/step, the teacher's share, peak memory and the **method ratio**
 
     ratio = s/step of the method / (s/step of SFT + the method's teacher s/step)
 
-(1.0: the method costs nothing beyond a plain SFT step and the teacher forward it needs). Then the
-**sweep ratio** of running all of them one after the other, as ``run`` does today:
+(1.0: the method costs nothing beyond a plain SFT step and the teacher forward it needs; in lockstep,
+where a method's teacher s/step is its share of a shared forward, both sides count the whole forward
+instead, so the ratio stays that of the method alone). Then the
+**sweep ratio** of running all of them as ``run`` does (``--lockstep``: in lockstep groups, each
+method's teacher s/step being its share of the group's forward; ``--lockstep 1``: one after the other):
 
     sweep_ratio = Σ_m s/step_m / (Σ_m student s/step_m + one teacher forward)
 
 where a student step is a method's step minus its teacher share and "one teacher forward" is the
-largest teacher share (the forward that computes the union of what the methods need). 1.0 would mean
-the teacher is run once for the whole sweep. The last line is exactly
-``max_method_ratio=<float> sweep_ratio=<float>``.
+largest whole teacher forward of a step (the forward that computes the union of what the methods
+need). 1.0 means the teacher is run once per step for the whole sweep, which lockstep students do when
+they all fit in one group. The last line is exactly ``max_method_ratio=<float> sweep_ratio=<float>``.
 """
 
 from __future__ import annotations
@@ -33,6 +36,12 @@ class MethodCost:
     teacher_seconds_per_step: float
     peak_memory_mb: float
     status: str
+    teacher_forward_seconds_per_step: float | None = None  # whole (lockstep: shared); None: the share
+    lockstep: int = 1
+
+    def __post_init__(self) -> None:
+        if self.teacher_forward_seconds_per_step is None:  # a run alone: its share is the whole forward
+            self.teacher_forward_seconds_per_step = self.teacher_seconds_per_step
 
     @property
     def student_seconds(self) -> float:
@@ -62,6 +71,8 @@ def measure(request, log=print) -> list[MethodCost]:
                 float(cost.get("teacher_seconds_per_step", 0.0) or 0.0),
                 float(cost.get("peak_memory_mb", float("nan"))),
                 outcome.status,
+                cost.get("teacher_forward_seconds_per_step"),
+                int(cost.get("lockstep", 1)),
             )
         )
     return costs
@@ -74,12 +85,13 @@ def ratios(costs: list[MethodCost]) -> tuple[dict[str, float], float]:
     if sft is None:
         raise UserError("bench: the SFT run failed, so no method can be compared with it")
     per_method = {
-        c.method: c.seconds_per_step / (sft.seconds_per_step + c.teacher_seconds_per_step)
+        c.method: (c.student_seconds + c.teacher_forward_seconds_per_step)
+        / (sft.seconds_per_step + c.teacher_forward_seconds_per_step)
         for c in finished
         if c.method != "sft"
     }
     methods = [c for c in finished if c.method != "sft"] or [sft]
-    one_teacher = max(c.teacher_seconds_per_step for c in methods)
+    one_teacher = max(c.teacher_forward_seconds_per_step for c in methods)
     sweep = sum(c.seconds_per_step for c in methods) / (sum(c.student_seconds for c in methods) + one_teacher)
     return per_method, sweep
 
@@ -103,10 +115,14 @@ def bench(request, log=print) -> tuple[float, float]:
     costs = measure(request, log=log)
     per_method, sweep = ratios(costs)
     log(table(costs, per_method))
+    group = max((c.lockstep for c in costs), default=1)
+    how = (
+        f"lockstep groups of up to {group} students, one teacher forward per group and step"
+        if group > 1
+        else "one after the other, one teacher forward per method and step"
+    )
     log(
-        "sequential sweep (one teacher forward per method and step; lockstep students sharing one "
-        "teacher forward are not built yet): "
-        f"{sum(c.seconds_per_step for c in costs if c.method != 'sft'):.3f} s per step of all methods"
+        f"sweep ({how}): {sum(c.seconds_per_step for c in costs if c.method != 'sft'):.3f} s per step of all methods"
     )
     top = max(per_method.values()) if per_method else 1.0
     log(f"max_method_ratio={top:.4f} sweep_ratio={sweep:.4f}")

@@ -270,6 +270,18 @@ def _results_dir_option(help: str, group: str = "options") -> click.Parameter:
     return _Option("--results-dir", type=PATH, default=Path("results"), metavar="DIR", group=group, help=help)
 
 
+def _lockstep_option(group: str = _TRAINING) -> click.Parameter:
+    return _Option(
+        "--lockstep",
+        type=POSITIVE_INT,
+        metavar="N",
+        group=group,
+        help="train N students at a time, all on one teacher forward per batch that computes the union "
+        "of what their methods need; the records equal those of runs trained one after the other "
+        "(1: one at a time; default: as many as half the free memory holds)",
+    )
+
+
 def _run_options() -> list[click.Parameter]:
     """Flags shared by `run` and `ablate`: pairs, method settings, data, training, output, evaluation."""
     output, evaluation = "output", "evaluation of the trained students"
@@ -289,6 +301,7 @@ def _run_options() -> list[click.Parameter]:
         ),
         *_data_options("sharegpt"),
         *_train_options(),
+        _lockstep_option(),
         _results_dir_option("where run records go (default: results/)", output),
         _Option(
             "--save-model",
@@ -638,8 +651,8 @@ def _bench_command() -> click.Command:
         "time every method on a pair in one process: s/step, teacher share, peak memory, ratios",
         "Train each method for a few steps on the same batches (the first step is not timed) and print per "
         "method: s/step, the teacher's s/step, peak memory and the ratio s/step / (SFT s/step + the "
-        "method's teacher s/step); then the sweep ratio of running them all one after the other, sum of "
-        "steps / (sum of student steps + one teacher forward). The last line is exactly "
+        "method's teacher s/step); then the sweep ratio of running them all as `run` does (in lockstep, see "
+        "--lockstep), sum of steps / (sum of student steps + one teacher forward). The last line is exactly "
         "max_method_ratio=<float> sweep_ratio=<float>. Records go to a temporary folder.",
         _examples(
             "ctkd-bench bench",
@@ -680,6 +693,7 @@ def _bench_command() -> click.Command:
                 "--data", default="sharegpt", metavar="NAME", help="training set (default: sharegpt, offline)"
             ),
             _Option("--data-dir", metavar="DIR", help="folder in the MiniLLM layout, e.g. ../shared/data"),
+            _lockstep_option("options"),
             _device_option(),
             _no_progress_option(),
         ],
@@ -925,6 +939,7 @@ def _request(args, methods):
         evaluation=_eval_config(args, args.eval_tasks),
         eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every,
+        lockstep=args.lockstep,
         # dev selection honours --eval-limit/--greedy/--eval-max-new-tokens even without --eval-tasks
         selection=_eval_config(args, "dolly_dev") if args.eval_every else None,
     )
@@ -1170,6 +1185,7 @@ def _cmd_bench(args) -> int:
         device=args.device,
         progress=not args.no_progress,
         keep_going=True,
+        lockstep=args.lockstep,
     )
     bench(request)
     return 0

@@ -43,6 +43,7 @@ def record_name(
 
 # the sections a run adds as it goes; absent from the JSON until they are set (never written as null)
 _LATER = (
+    "method_defaults",
     "failure_step",
     "failure_terms",
     "losses",
@@ -76,6 +77,9 @@ class RunRecord:
     config_hash: str
     identity: dict[str, Any]  # everything that changes the numbers; config_hash is its hash
     method_config: dict[str, Any]
+    # the method's defaults with the ablation's settings when it ran (the report names the record by how
+    # method_config differs from them); absent in records written before it was stored
+    method_defaults: dict[str, Any] | None = None
     pair: dict[str, Any]  # {"teacher", "student", "same_tokenizer"}
     data: dict[str, Any]  # name, digest, examples used, encoding statistics
     train: dict[str, Any]  # the TrainConfig fields
@@ -86,7 +90,8 @@ class RunRecord:
     failure_step: int | None = None
     failure_terms: dict[str, float] | None = None  # each term's value at a non-finite loss
     losses: dict[str, Any] | None = None  # {"final", "curve"[, "terms", "weights"]}
-    cost: dict[str, Any] | None = None  # step times, teacher share, peak memory, device
+    # step times, the teacher's share, the lockstep group size, peak memory (the run's or its group's), device
+    cost: dict[str, Any] | None = None
     trainable_parameters: dict[str, int] | None = None
     selection: dict[str, Any] | None = None  # the dev checkpoint selection (eval_every)
     resumed_from_step: int | None = None

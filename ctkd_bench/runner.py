@@ -17,6 +17,9 @@ Read top to bottom, as torchtune's KD recipe reads (setup, loss step, train, sav
 - **execute** (:func:`_execute`): train, write the ``trained`` record, score, write the ``finished`` one
   (or the ``failed`` one: NaN/Inf loss, out of memory); a record is a :class:`~ctkd_bench.records.RunRecord`
   written atomically;
+- **lockstep** (:func:`_execute_lockstep`, :class:`LockstepRun`): the runs of a pair that start at the same
+  step train together, one teacher forward per micro-batch computing the union of their needs, each
+  student's step in its own random stream, so that each record equals that of the run trained alone;
 - **train one student** (:func:`train_one`, :class:`StudentRecipe`): setup (the student and its method,
   AdamW with weight decay 0.01 and a cosine schedule with warmup, the loader), restore a checkpoint, the
   step loop (gradient accumulation, clipping, bf16 autocast on CUDA, data parallel through ``accelerate
@@ -34,7 +37,8 @@ import random
 import threading
 import time
 from collections.abc import Collection, Iterator, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -192,6 +196,9 @@ class RunRequest:
     checkpoint_dir: Path | None = None  # where checkpoints go (default: RESULTS/.checkpoints)
     keep_going: bool = False  # record any error of one run as a failed record and go on (sweeps)
     role: str | None = None  # "teacher": the teacher SFT stage (its record is the Teacher row of a report)
+    # students that step together on one teacher forward (None: as many as memory allows; 1: one at a
+    # time); not in a run's identity: the records are those of runs trained one after the other
+    lockstep: int | None = None
 
     @classmethod
     def from_settings(
@@ -246,6 +253,9 @@ def run(request: RunRequest, log=print) -> list[RunOutcome]:
         raise UserError(f"--eval-every must be >= 0, got {request.eval_every}")
     if request.checkpoint_every < 0:
         raise UserError(f"--checkpoint-every must be >= 0, got {request.checkpoint_every}")
+    lockstep = request.lockstep
+    if lockstep is not None and (isinstance(lockstep, bool) or not isinstance(lockstep, int) or lockstep < 1):
+        raise UserError(f"--lockstep must be a positive integer (or unset: auto), got {lockstep!r}")
     resolved = resolve_methods(request.methods)
     examples = load_examples(request.data, "train", request.data_dir)
     data = _data_identity(request, examples)  # evaluation data errors come before training, not after
@@ -319,9 +329,7 @@ def _run_pair(request, accelerator, pair, resolved, examples, data, log) -> list
         return outcomes
     try:
         _prepare_pair(request, accelerator, pc, planned, examples)
-        for planned_run in planned:
-            outcomes.append(_execute(request, accelerator, pc, planned_run, log))
-            planned_run.lock.release()
+        outcomes.extend(_execute_planned(request, accelerator, pc, planned, log))
     finally:
         for planned_run in planned:
             planned_run.lock.release()
@@ -508,6 +516,7 @@ class PairContext:
     encoder: PairEncoder | None = None
     vocab: SharedVocab | None = None
     vocab_map: VocabMap | None = None
+    artifacts: dict[str, Any] = field(default_factory=dict)  # per-pair values, name -> value
     teacher: Any = None
 
     @property
@@ -531,6 +540,7 @@ def _prepare_pair(request, accelerator, pc: PairContext, planned: list[PlannedRu
     # the two per-pair values that MethodContext hands to methods as fields
     pc.vocab = artifacts.get("shared_vocab")
     pc.vocab_map = getattr(artifacts.get("mined"), "vocab_map", None)
+    pc.artifacts = artifacts
     pc.examples_available = len(examples)
     pc.encoder = PairEncoder(
         student_tok,
@@ -595,6 +605,23 @@ def training_stream(
 # ----------------------------------------------------------------------- execute one run and write its record
 
 
+def _execute_planned(request, accelerator, pc: PairContext, planned: list[PlannedRun], log) -> list:
+    """Every planned run of the pair, alone (``lockstep`` 1, or a single run to train) or in lockstep
+    groups (:func:`_execute_lockstep`); each run's lock is released once its record is written. The
+    outcomes come in the order of the plan."""
+    training = [p for p in planned if p.trained is None]
+    grouped = request.lockstep != 1 and len(training) > 1
+    done: dict[Path, RunOutcome] = {}
+    for p in planned:
+        if not grouped or p.trained is not None:
+            done[p.path] = _execute(request, accelerator, pc, p, log)
+            p.lock.release()
+    if grouped:
+        for outcome in _execute_lockstep(request, accelerator, pc, training, log):
+            done[outcome.path] = outcome
+    return [done[p.path] for p in planned]
+
+
 def _execute(request, accelerator, pc: PairContext, p: PlannedRun, log) -> RunOutcome:
     """Train one planned run (unless only its scoring is left), write "trained", score, write "finished"."""
     if p.trained is not None:
@@ -623,6 +650,11 @@ def _execute(request, accelerator, pc: PairContext, p: PlannedRun, log) -> RunOu
         _release(accelerator)
         accelerator.wait_for_everyone()
         student = _record_training(request, accelerator, pc, p, record, result)
+    return _finished(request, accelerator, pc, p, record, student, log)
+
+
+def _finished(request, accelerator, pc: PairContext, p: PlannedRun, record: RunRecord, student, log):
+    """Score a trained run's student, write its finished record and say so; its outcome."""
     _score_and_finish(request, accelerator, pc, p, record, student)
     log(
         f"done {p.run.label} {pc.names}: "
@@ -645,6 +677,7 @@ def _new_record(request, pc: PairContext, p: PlannedRun) -> RunRecord:
         config_hash=p.digest,
         identity=p.identity,
         method_config=config_dict(p.config),
+        method_defaults=_method_defaults(p),
         pair={
             "teacher": zoo.model_info(teacher_spec) if teacher_spec else None,
             "student": zoo.model_info(student_spec),
@@ -666,6 +699,14 @@ def _new_record(request, pc: PairContext, p: PlannedRun) -> RunRecord:
         git_commit=git_commit(),
         started_at=now(),
     )
+
+
+def _method_defaults(p: PlannedRun) -> dict[str, Any]:
+    """The settings this run would have without the user's ``--set``: the method's defaults with its
+    ablation's settings, as they are today. Stored in the record, so its report label never depends on
+    the defaults of a later version."""
+    ablation = (p.cls.ablations or {}).get(p.run.ablation or "", {})
+    return config_dict(apply_overrides(p.cls.Config(), ablation, p.run.method))
 
 
 def _record_training(request, accelerator, pc: PairContext, p: PlannedRun, record: RunRecord, result):
@@ -712,6 +753,8 @@ def _failed(
     request, accelerator, pc: PairContext, p: PlannedRun, record: RunRecord, err, progress, log
 ) -> RunOutcome:
     """A failed record (NaN/Inf loss, out of memory, or with keep_going any error): where and why."""
+    if not _fails_only_its_run(request, err):
+        raise err
     if isinstance(err, NonFiniteLoss):
         failure = str(err)
         record.failure_step, record.failure_terms = err.step, err.terms
@@ -720,11 +763,9 @@ def _failed(
         record.failure_step = progress.step + 1
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    elif request.keep_going:
+    else:  # keep_going: any error
         failure = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".strip()
         record.failure_step = progress.step + 1
-    else:
-        raise err
     last = progress.curve[-1] if progress.curve else {}
     final = {k: v for k, v in last.items() if k not in ("step", "lr", "seconds")}
     record.losses = {"final": final, "curve": progress.curve}
@@ -734,6 +775,11 @@ def _failed(
         record.write(p.path)
     log(f"FAILED {p.run.label} {pc.names}: {failure}; record {p.path}")
     return RunOutcome(p.run.label, p.path, "failed", record.to_json())
+
+
+def _fails_only_its_run(request, err: BaseException) -> bool:
+    """A NaN/Inf loss or out of memory (with keep_going: any error) fails its run; others end the command."""
+    return isinstance(err, NonFiniteLoss) or _is_out_of_memory(err) or request.keep_going
 
 
 def _release(accelerator) -> None:
@@ -757,6 +803,281 @@ def save_student(model, tokenizer, folder: Path):
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return model
+
+
+# ------------------------------------------------------ lockstep: the runs of a pair on one teacher forward
+
+
+@dataclass
+class LockstepRun:
+    """One run of a lockstep group: its plan, record, progress and recipe, and what keeps its training
+    that of the run trained alone: its own random stream (the CPU and CUDA generators) and its own count
+    of micro-batches (``accelerator.step``, which ``accumulate`` reads and which all runs share).
+
+    An error in one of its turns (:meth:`turn`) that fails only this run (:func:`_fails_only_its_run`) is
+    kept in :attr:`error`; the group goes on without it.
+    """
+
+    planned: PlannedRun
+    record: RunRecord
+    progress: TrainProgress
+    checkpoint: Checkpoint
+    recipe: StudentRecipe | None = None
+    result: TrainResult | None = None
+    error: Exception | None = None
+    rng: dict[str, torch.Tensor] | None = None
+    accumulated: int = 0
+    batch: DistillBatch | None = None  # the current micro-batch
+    sums: dict[str, float] = field(default_factory=dict)  # this step's terms
+    seconds: float = 0.0  # this step: the student's own seconds
+    teacher_seconds: float = 0.0  # this step: its share of the teacher forwards
+    forward_seconds: float = 0.0  # this step: the teacher forwards it stepped on, whole
+
+    @property
+    def live(self) -> bool:
+        return self.error is None
+
+    @contextmanager
+    def turn(self, request, accelerator):
+        """This run's random stream and micro-batch count while it works; its seconds; its failure."""
+        if self.rng is not None:
+            _set_rng_state(self.rng, accelerator.device)
+        accelerator.step = self.accumulated
+        started = time.perf_counter()
+        try:
+            yield
+        except Exception as err:
+            if not _fails_only_its_run(request, err):
+                raise
+            self.error = err
+        finally:
+            self.seconds += time.perf_counter() - started
+            self.rng, self.accumulated = _rng_state(accelerator.device), accelerator.step
+
+    def end_step(self, request, accelerator, step: int) -> None:
+        """Close the step and log it (its seconds: its own + its teacher share), dev score, checkpoint."""
+        with self.turn(request, accelerator):
+            self.sums = self.recipe.close_step(self.sums)
+        if self.live:
+            seconds = self.seconds + self.teacher_seconds
+            with self.turn(request, accelerator):
+                self.recipe.after_step(
+                    step, self.sums, seconds, self.teacher_seconds, self.checkpoint, self.forward_seconds
+                )
+        self.sums, self.seconds, self.teacher_seconds, self.forward_seconds = {}, 0.0, 0.0, 0.0
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _execute_lockstep(request, accelerator, pc: PairContext, training: list[PlannedRun], log) -> list:
+    """Train ``training`` in groups of ``request.lockstep`` runs (None: as many as memory allows, estimated
+    from the first student set up) that start at the same step; then record and score each run in turn."""
+    outcomes: list[RunOutcome] = []
+    size = request.lockstep
+    for runs in _by_start_step(request, training):
+        while runs:
+            free = _free_memory(accelerator.device) if size is None else 0  # the teacher is loaded
+            group: list[LockstepRun] = []
+            while runs and (size is None or sum(m.live for m in group) < size):
+                group.append(_join(request, accelerator, pc, runs.pop(0)))
+                if size is None and group[-1].live:
+                    size = _auto_lockstep(group[-1].recipe, free, len(training), log)
+            outcomes.extend(_run_group(request, accelerator, pc, group, log))
+    return outcomes
+
+
+def _by_start_step(request, training: list[PlannedRun]) -> list[list[PlannedRun]]:
+    """The runs by the step they resume from (their checkpoint's, or 0), each list in the order of the plan:
+    only runs at the same step can step together."""
+    starts: dict[int, list[PlannedRun]] = {}
+    for p in training:
+        step = Checkpoint(p.path, request.checkpoint_every, request.checkpoint_dir).saved_step()
+        starts.setdefault(step, []).append(p)
+    return list(starts.values())
+
+
+def _join(request, accelerator, pc: PairContext, p: PlannedRun) -> LockstepRun:
+    """A run set up for its group (student, method, optimizer, loader) and restored from its checkpoint."""
+    checkpoint = Checkpoint(p.path, request.checkpoint_every, request.checkpoint_dir)
+    member = LockstepRun(p, _new_record(request, pc, p), TrainProgress(), checkpoint)
+    recipe = StudentRecipe(accelerator, request, pc, member.progress)
+    with member.turn(request, accelerator):
+        recipe.setup(p.cls, p.config)  # seeds torch, as the run alone does
+        recipe.restore(checkpoint)
+        member.recipe = recipe
+    member.seconds = 0.0  # its first step's seconds are those of the step, not of the setup
+    return member
+
+
+def _free_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def _student_bytes(recipe: StudentRecipe) -> int:
+    """One lockstep student's memory, roughly: its weights, a gradient and two fp32 AdamW moments per
+    trainable parameter (16 bytes a parameter in full fine-tuning) and, for activations, one micro-batch's
+    fp32 logits three times over (the logits, their softmax, their gradient)."""
+    trainee = recipe.accelerator.unwrap_model(recipe.trainee)
+    params = list(trainee.parameters())
+    weights = sum(p.numel() * p.element_size() for p in params)
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    activations = 3 * 4 * recipe.config.batch_size * recipe.config.max_length * trainee.vocab
+    return weights + 12 * trainable + activations
+
+
+def _auto_lockstep(recipe: StudentRecipe, free: int, runs: int, log) -> int:
+    """How many students train side by side: at most half the free memory, at most the runs to train."""
+    each = _student_bytes(recipe)
+    size = min(runs, max(1, int(0.5 * free // each)))
+    if recipe.accelerator.num_processes > 1:  # every data-parallel process forms the same groups
+        from accelerate.utils import broadcast_object_list
+
+        size = broadcast_object_list([size])[0]
+    shared = "one teacher forward" if recipe.pair.teacher is not None else "the same batches"
+    what = "1 student at a time" if size == 1 else f"{size} students step together on {shared}"
+    log(f"lockstep: {what} (≈{each / 1e9:.1f} GB each of {free / 1e9:.1f} GB free; --lockstep N to change)")
+    return size
+
+
+def _run_group(request, accelerator, pc: PairContext, group: list[LockstepRun], log) -> list[RunOutcome]:
+    """Train the group's runs together, then each run's record (trained, finished or failed) in turn."""
+    trained = [m for m in group if m.live]  # a run whose setup failed did not join
+    if trained:
+        if len(trained) > 1:
+            labels = ", ".join(m.planned.run.label for m in trained)
+            log(f"lockstep: {labels} on {pc.names} step together from step {trained[0].recipe.first_step}")
+        for m in trained:
+            m.recipe.lockstep = len(trained)
+        with PeakMemory(accelerator.device.type) as memory:  # the group's steps: every student's memory
+            _train_lockstep(request, accelerator, pc, trained)
+        for m in trained:
+            if m.live:
+                with m.turn(request, accelerator):
+                    m.result = m.recipe.finish(memory)
+            m.recipe = None  # its optimizer and loader go with the accelerator's references
+    _release(accelerator)
+    accelerator.wait_for_everyone()
+    # every trained student is safe on disk (a "trained" record, with an evaluation) before any scoring
+    students = [
+        _record_training(request, accelerator, pc, m.planned, m.record, m.result) if m.live else None
+        for m in group
+    ]
+    outcomes = []
+    for i, m in enumerate(group):
+        p, m.result = m.planned, None
+        if m.live:
+            _set_rng_state(m.rng, accelerator.device)  # its scoring draws from its own stream, as alone
+            outcomes.append(_finished(request, accelerator, pc, p, m.record, students[i], log))
+            students[i] = None
+        else:
+            outcomes.append(_failed(request, accelerator, pc, p, m.record, m.error, m.progress, log))
+        p.lock.release()
+    return outcomes
+
+
+def _train_lockstep(request, accelerator, pc: PairContext, group: list[LockstepRun]) -> None:
+    """The group's step loop. Per micro-batch: each run takes its batch (the same one), the teacher runs
+    once for the union of the runs' needs, each run takes its step on what its own method asked for; per
+    step each run logs, scores on dev and saves its checkpoint as it would alone. A failed run leaves."""
+    steps, first = request.train.steps, group[0].recipe.first_step
+    if any(m.recipe.first_step != first for m in group):  # _by_start_step grouped them
+        raise RuntimeError("the runs of a lockstep group must start at the same step")
+    union = _union_needs([m.recipe.needs for m in group])
+    bar = None
+    if accelerator.is_main_process:
+        bar = _progress(request, steps, f"lockstep {len(group)} {pc.specs[1].short}")
+    if bar is not None and first > 1:
+        bar.update(first - 1)
+    for step in range(first, steps + 1):
+        live = [m for m in group if m.live]
+        if not live:
+            break
+        for _ in range(request.train.grad_accum):
+            _micro_batch(request, accelerator, pc, live, union, step)
+        for m in live:
+            if m.live:
+                m.end_step(request, accelerator, step)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+
+
+def _micro_batch(request, accelerator, pc: PairContext, live: list[LockstepRun], union: Needs, step: int):
+    """One micro-batch of the group: each run's batch, one teacher forward, each run's loss and gradient."""
+    for m in live:
+        if m.live:
+            with m.turn(request, accelerator):
+                m.batch = m.recipe.next_batch()
+    teacher = _shared_teacher(request, accelerator, pc, [m for m in live if m.live], union)
+    for m in live:
+        if m.live:
+            with m.turn(request, accelerator):
+                m.recipe.micro_step(step, m.batch, _restricted(teacher, m.recipe.needs), m.sums)
+        m.batch = None
+
+
+def _union_needs(needs: list[Needs]) -> Needs:
+    """What the group's one teacher forward computes: each teacher output that one of the methods needs."""
+    return Needs(
+        teacher=any(n.teacher for n in needs),
+        teacher_logits=any(n.teacher_logits for n in needs),
+        teacher_hidden_states=any(n.teacher_hidden_states for n in needs),
+        teacher_attentions=any(n.teacher_attentions for n in needs),
+    )
+
+
+def _restricted(outputs: ModelOutputs | None, needs: Needs) -> ModelOutputs | None:
+    """The shared teacher outputs cut to what one method asked for: exactly what it gets alone."""
+    if outputs is None or not needs.teacher:
+        return None
+    return replace(
+        outputs,
+        logits=outputs.logits if needs.teacher_logits else None,
+        hidden_states=outputs.hidden_states if needs.teacher_hidden_states else None,
+        attentions=outputs.attentions if needs.teacher_attentions else None,
+    )
+
+
+def _shared_teacher(request, accelerator, pc: PairContext, live: list[LockstepRun], union: Needs):
+    """One teacher forward for the runs that need the teacher, its seconds split equally among them; an
+    error that fails only runs (out of memory) fails each of them."""
+    users = [m for m in live if m.recipe.needs.teacher]
+    if not users:
+        return None
+    batch = users[0].batch
+    if any(not torch.equal(m.batch.teacher.input_ids, batch.teacher.input_ids) for m in users[1:]):
+        raise RuntimeError("lockstep runs of one pair read different batches; the stream must be fixed")
+    started = time.perf_counter()
+    try:
+        with accelerator.autocast():
+            outputs = teacher_forward(pc.teacher, batch, union, users[0].recipe.teacher_vocab)
+    except Exception as err:
+        if not _fails_only_its_run(request, err):
+            raise
+        for m in users:
+            m.error = err
+        return None
+    seconds = time.perf_counter() - started
+    for m in users:
+        m.teacher_seconds += seconds / len(users)
+        m.forward_seconds += seconds
+    return outputs
 
 
 # ------------------------------------------------------------------------------ train one student: the recipe
@@ -811,8 +1132,10 @@ class StudentRecipe:
         self.config = request.train
         self.progress = progress if progress is not None else TrainProgress()  # the step and the loss curve
         self.selection = DevSelection(request)
-        self.step_seconds: list[float] = []
-        self.teacher_seconds: list[float] = []
+        self.step_seconds: list[float] = []  # each step: the student's own seconds + its teacher share
+        self.teacher_seconds: list[float] = []  # each step: this run's share of the teacher forwards
+        self.forward_seconds: list[float] = []  # each step: the teacher forwards, whole (shared or not)
+        self.lockstep = 1  # the size of the lockstep group that this run trains in
         self.first_step = 1
         self.resumed_from_step: int | None = None
 
@@ -844,6 +1167,7 @@ class StudentRecipe:
             shared_vocab=pair.vocab,
             same_tokenizer=pair.same,
             vocab_map=pair.vocab_map,
+            alignment=pair.artifacts,
             student_embedding_scale=zoo.embedding_scale(student),
             teacher_embedding_scale=zoo.embedding_scale(teacher) if teacher is not None else 1.0,
         )
@@ -889,6 +1213,7 @@ class StudentRecipe:
         self.optimizer.load_state_dict(resumed["optimizer"])
         self.scheduler.load_state_dict(resumed["scheduler"])
         self.step_seconds, self.teacher_seconds = resumed["step_seconds"], resumed["teacher_seconds"]
+        self.forward_seconds = resumed.get("forward_seconds", list(self.teacher_seconds))
         self.selection.load_state(resumed.get("selection"))
         self.first_step = resumed["step"] + 1
         for _ in range(resumed["step"] * self.config.grad_accum):  # the same batches, in the same order
@@ -908,54 +1233,89 @@ class StudentRecipe:
             raise NonFiniteLoss(step, {k: float(v.detach()) for k, v in terms.items()})
         return loss, terms
 
-    def optimisation_step(self, step: int) -> tuple[dict[str, float], float]:
-        """One optimizer step over ``grad_accum`` batches: the mean of each term and the teacher's seconds."""
+    def next_batch(self) -> DistillBatch:
+        """This run's next micro-batch, on the device (every run of a pair reads the same stream)."""
+        return next(self.batches).to(self.accelerator.device)
+
+    def teacher_outputs(self, batch: DistillBatch) -> ModelOutputs | None:
+        """The teacher's forward of what this run's method needs (``None`` when it needs no teacher)."""
+        if not self.needs.teacher:
+            return None
+        with self.accelerator.autocast():
+            return teacher_forward(self.pair.teacher, batch, self.needs, self.teacher_vocab)
+
+    def micro_step(
+        self, step: int, batch: DistillBatch, teacher: ModelOutputs | None, sums: dict[str, float]
+    ) -> None:
+        """One micro-batch: the loss and its gradient, the optimizer step once ``grad_accum`` are summed;
+        each term's share of the step's mean is added to ``sums``."""
         accelerator, config = self.accelerator, self.config
-        sums: dict[str, float] = {}
-        teacher_seconds = 0.0
-        for _ in range(config.grad_accum):
-            batch = next(self.batches).to(accelerator.device)
-            started = time.perf_counter()
-            teacher = None
-            if self.needs.teacher:
-                with accelerator.autocast():
-                    teacher = teacher_forward(self.pair.teacher, batch, self.needs, self.teacher_vocab)
-            teacher_seconds += time.perf_counter() - started
-            with accelerator.accumulate(self.trainee):
-                loss, terms = self.loss_step(step, batch, teacher)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(self.trainee.parameters(), config.max_grad_norm)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-            for name, value in [("loss", loss), *terms.items()]:
-                sums[name] = sums.get(name, 0.0) + float(value.detach()) / config.grad_accum
+        with accelerator.accumulate(self.trainee):
+            loss, terms = self.loss_step(step, batch, teacher)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(self.trainee.parameters(), config.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        for name, value in [("loss", loss), *terms.items()]:
+            sums[name] = sums.get(name, 0.0) + float(value.detach()) / config.grad_accum
+
+    def close_step(self, sums: dict[str, float]) -> dict[str, float]:
+        """After a step's micro-batches: the schedule moves on; the terms as logged (mean over processes)."""
+        accelerator = self.accelerator
         self.scheduler.step()
         if accelerator.num_processes > 1:  # log the mean over data-parallel processes
             values = torch.tensor(list(sums.values()), device=accelerator.device)
             means = accelerator.reduce(values, reduction="mean")
             sums = dict(zip(sums, means.tolist()))
-        return sums, teacher_seconds
+        return sums
+
+    def optimisation_step(self, step: int) -> tuple[dict[str, float], float]:
+        """One optimizer step over ``grad_accum`` batches: the mean of each term and the teacher's seconds."""
+        sums: dict[str, float] = {}
+        teacher_seconds = 0.0
+        for _ in range(self.config.grad_accum):
+            batch = self.next_batch()
+            started = time.perf_counter()
+            teacher = self.teacher_outputs(batch)
+            teacher_seconds += time.perf_counter() - started
+            self.micro_step(step, batch, teacher, sums)
+        return self.close_step(sums), teacher_seconds
 
     def train(self, desc: str, checkpoint: Checkpoint | None) -> None:
         """The step loop: optimize, log, score on dev every ``eval_every`` steps, save a checkpoint when due."""
-        steps, eval_every = self.config.steps, self.request.eval_every
-        bar = _progress(self.request, steps, desc) if self.accelerator.is_main_process else None
+        bar = _progress(self.request, self.config.steps, desc) if self.accelerator.is_main_process else None
         if bar is not None and self.first_step > 1:
             bar.update(self.first_step - 1)
-        for step in range(self.first_step, steps + 1):
+        for step in range(self.first_step, self.config.steps + 1):
             started = time.perf_counter()
             sums, teacher_seconds = self.optimisation_step(step)
-            self._log_step(step, sums, time.perf_counter() - started, teacher_seconds)
+            self.after_step(step, sums, time.perf_counter() - started, teacher_seconds, checkpoint)
             if bar is not None:
                 bar.set_postfix({k: f"{v:.3f}" for k, v in sums.items()}, refresh=False)
                 bar.update(1)
-            if eval_every and (step % eval_every == 0 or step == steps):
-                self.selection.observe(step, self.student, self.pair.tokenizers[0])
-            if checkpoint is not None and checkpoint.due(step, steps):
-                self.save_checkpoint(checkpoint, step)
         if bar is not None:
             bar.close()
+
+    def after_step(
+        self,
+        step: int,
+        sums: dict[str, float],
+        seconds: float,
+        teacher_seconds: float,
+        checkpoint: Checkpoint | None,
+        forward_seconds: float | None = None,
+    ) -> None:
+        """Log the step (``seconds``: all of it, ``teacher_seconds``: the teacher's share of it,
+        ``forward_seconds``: the whole teacher forward when shared), score on dev every ``eval_every``
+        steps, save a checkpoint when due."""
+        steps, eval_every = self.config.steps, self.request.eval_every
+        self._log_step(step, sums, seconds, teacher_seconds)
+        self.forward_seconds.append(teacher_seconds if forward_seconds is None else forward_seconds)
+        if eval_every and (step % eval_every == 0 or step == steps):
+            self.selection.observe(step, self.student, self.pair.tokenizers[0])
+        if checkpoint is not None and checkpoint.due(step, steps):
+            self.save_checkpoint(checkpoint, step)
 
     def _log_step(self, step: int, sums: dict[str, float], seconds: float, teacher_seconds: float) -> None:
         self.step_seconds.append(seconds)
@@ -982,6 +1342,7 @@ class StudentRecipe:
                     "curve": self.progress.curve,
                     "step_seconds": self.step_seconds,
                     "teacher_seconds": self.teacher_seconds,
+                    "forward_seconds": self.forward_seconds,
                     "selection": self.selection.state(),
                     "rng": torch.get_rng_state(),
                 }
@@ -1013,17 +1374,23 @@ class StudentRecipe:
         )
 
     def _cost(self, memory: PeakMemory) -> dict[str, Any]:
-        steps, teacher = self.step_seconds, self.teacher_seconds
-        timed = steps[1:] if len(steps) > 1 else steps  # the first step warms up
-        teacher_timed = teacher[1:] if len(teacher) > 1 else teacher
+        steps = self.step_seconds
+
+        def per_step(seconds: list[float]) -> float:
+            timed = seconds[1:] if len(seconds) > 1 else seconds  # the first step warms up
+            return sum(timed) / len(timed)
+
         accelerator = self.accelerator
         return {
-            "seconds_per_step": sum(timed) / len(timed),
-            "teacher_seconds_per_step": sum(teacher_timed) / len(teacher_timed),
+            "seconds_per_step": per_step(steps),  # the student's own step + its share of the teacher
+            "teacher_seconds_per_step": per_step(self.teacher_seconds),  # its share of the teacher
+            "teacher_forward_seconds_per_step": per_step(self.forward_seconds),  # the whole forward
             "first_step_seconds": steps[0],
             "total_seconds": sum(steps),
+            "lockstep": self.lockstep,  # students that stepped together on one teacher forward
             "peak_memory_mb": memory.peak_bytes / 2**20,
             "peak_memory_kind": memory.kind,
+            "peak_memory_scope": "this run" if self.lockstep == 1 else f"lockstep group of {self.lockstep}",
             "device": str(accelerator.device),
             "teacher_dtype": str(next(self.pair.teacher.parameters()).dtype).replace("torch.", "")
             if self.needs.teacher
@@ -1085,6 +1452,16 @@ class Checkpoint:
             raise UserError(
                 f"checkpoint {self.path} cannot be read ({type(err).__name__}); delete it to restart that run"
             ) from None
+
+    def saved_step(self) -> int:
+        """The step of the saved state (0: none), read lazily (memory-mapped, not the weights); a file that
+        cannot be read counts as 0, and :meth:`load` says why when the run starts."""
+        if self.every <= 0 or not self.path.exists():
+            return 0
+        try:
+            return int(torch.load(self.path, map_location="cpu", weights_only=False, mmap=True)["step"])
+        except Exception:
+            return 0
 
     def save(self, state: dict[str, Any]) -> None:
         torch_save_atomic(self.path, state)

@@ -22,6 +22,7 @@ An experiment file is YAML (``ctkd-bench run --config FILE.yaml``)::
     checkpoint_every: 50
     checkpoint_dir: ~/.cache/ctkd-bench/checkpoints/dolly-small   # default: RESULTS/.checkpoints
     device: auto
+    lockstep: 4                       # students on one teacher forward (default: as memory allows; 1: one at a time)
 
 Relative paths are taken from the working directory, like the command line's, and made absolute when
 the file is read, so that cluster jobs do not depend on where they start.
@@ -39,7 +40,8 @@ report) goes to the results folder and whose model is cached by the record's ide
 redoes the students only, ``--force-teacher`` the teacher too. With ``eval_untrained``, each pair's
 student is scored before any training (an eval record with role ``untrained``).
 
-Launchers: ``inline`` (this process; the teacher of a pair is loaded once per seed), ``local``
+Launchers: ``inline`` (this process; the teacher of a pair is loaded once per seed and the runs of a
+seed step in lockstep on one teacher forward, ``lockstep``), ``local``
 (``submitit``'s local executor: one subprocess per run, as a cluster would run them) and ``slurm``
 (one SLURM job array, one array task per run, all writing into the shared results folder).
 """
@@ -71,6 +73,7 @@ KEYS = {
     "teacher_sft",
     "eval_untrained",
     "checkpoint_dir",
+    "lockstep",
 }
 LAUNCHERS = ("inline", "local", "slurm")
 
@@ -96,6 +99,7 @@ class Experiment:
     teacher_sft: dict[str, Any] | None = None  # TrainConfig fields of the teacher SFT stage
     eval_untrained: bool = False
     checkpoint_dir: str | None = None  # default: RESULTS/.checkpoints
+    lockstep: int | None = None  # students that step together on one teacher forward (None: auto)
 
     def jobs(self, teachers: dict[str, str] | None = None) -> list[dict[str, Any]]:
         """Every run of the experiment as a plain, picklable dict (one cluster array task each).
@@ -111,6 +115,7 @@ class Experiment:
             "eval_every": self.eval_every,
             "checkpoint_every": self.checkpoint_every,
             "checkpoint_dir": self.checkpoint_dir,
+            "lockstep": self.lockstep,
             "device": self.device,
             "save_model": self.save_model,
             "results_dir": str(self.results_dir),
@@ -245,6 +250,7 @@ def load_experiment(path: str | Path) -> Experiment:
         teacher_sft=_teacher_sft(raw.get("teacher_sft"), source),
         eval_untrained=_flag(raw.get("eval_untrained", False), source, "eval_untrained"),
         checkpoint_dir=_absolute(raw.get("checkpoint_dir")),
+        lockstep=_lockstep(raw.get("lockstep"), source),
     )
     if experiment.eval_untrained and experiment.eval is None:
         raise UserError(f"{_where(source, 'eval_untrained')} needs an 'eval' section (what to score it on)")
@@ -331,6 +337,15 @@ def _teacher_sft(value: Any, source: Path) -> dict[str, Any] | None:
     return train
 
 
+def _lockstep(value: Any, source: Path) -> int | None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise UserError(
+            f"{_where(source, 'lockstep')} must be a positive integer (students that step together on one "
+            f"teacher forward; 1: one at a time), or left out for as many as memory allows; not {value!r}"
+        )
+    return value
+
+
 def _count(value: Any, source: Path, key: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise UserError(f"{_where(source, key)} must be a whole number >= 0, not {value!r}")
@@ -386,6 +401,7 @@ def request_for(jobs: list[dict[str, Any]], *, force: bool = False, progress: bo
         eval_every=first["eval_every"],
         checkpoint_every=first["checkpoint_every"],
         checkpoint_dir=first.get("checkpoint_dir"),
+        lockstep=first.get("lockstep"),
         keep_going=True,
     )
 

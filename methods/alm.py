@@ -30,9 +30,11 @@ class ALM(Distiller):
     Minixhofer, Vulić, Ponti, "Universal Cross-Tokenizer Distillation via Approximate Likelihood
     Matching" (arXiv 2503.20083). Reference: ``bminixhofer/tokenkit:tokenkit/training/losses.py``
     (``compute_alm_loss`` with ``alm_diff_fn="binary_ce"``, ``distill_chunk_sizes=[1]``,
-    ``distill_main_path_numerator = denominator = "chunk_count"``, the defaults of
-    ``scripts/cross_tokenizer_distill.py``) and its PyTorch walk-through
-    ``docs/pytorch_alm_from_scratch.ipynb`` ("naive" ALM: the shortest chunks, no debiasing).
+    ``distill_main_path_numerator = denominator = "chunk_count"``,
+    ``alm_mode="merge_by_space_prob+append_space"``, ``tokenizer_pair_bias_threshold=0.1``: the defaults of
+    ``scripts/cross_tokenizer_distill.py`` and what its ``examples/*.sh`` recipes run, with the
+    ``alm_unconstrained`` chunks) and its PyTorch walk-through ``docs/pytorch_alm_from_scratch.ipynb``
+    ("naive" ALM: the shortest chunks, no debiasing; the ``naive`` ablation here).
 
     Chunks are the batch's spans (``batch.spans``: the finest segmentation of the response that both
     tokenizations respect, i.e. the shortest token sequences that encode identical text, as tokenkit's
@@ -58,6 +60,24 @@ class ALM(Distiller):
     entropy of e^a) and its gradient w.r.t. the student is zero. ``distance="abs"`` is tokenkit's
     ``alm_diff_fn="abs"``: ``|ℓ_T − ℓ_S|``.
 
+    **Debiasing (tokenkit's default ``alm_mode``).** A chunk's likelihood is biased when the text that
+    follows could have been merged into its last token. With ``w_T(k) = min(0, log Σ_v p_T(v | y_≤e_T(k))
+    · m_T(v))``, the teacher's log-probability that the token *after* chunk k's last teacher token
+    ``e_T(k)`` starts a word (``m_T``: the ``word_starts`` artifact, tokenkit's space mask: a first byte
+    that is a space, newline or tab, or a special token; ``w_S(k)`` likewise for the student at its last
+    student token):
+
+    * ``merge_by_space_prob`` — chunks are merged into groups, each ending at a chunk after which the
+      teacher is likely to start a word: chunk k ends its group when ``exp(w_T(k)) > space_threshold``
+      (tokenkit's ``tokenizer_pair_bias_threshold``, 0.1); the chunk's group is the number of such chunks
+      before it (tokenkit's ``chunk_merging_indices``). A group's ℓ is the sum of its chunks' ℓ (each
+      clipped at 0 first, as tokenkit clips before merging); its token count the sum of theirs.
+    * ``append_space`` — each group's ℓ_T and ℓ_S get ``w_T`` and ``w_S`` of the group's last chunk added:
+      the likelihood of the group *and* of a word boundary after it, on which both tokenizers agree.
+
+    Then d and the mean over (valid) groups as above. ``merge_by_space_prob=False, append_space=False``
+    is the naive recipe (ablation ``naive``); ``no-merge`` keeps only ``append_space``.
+
     The teacher's log-probabilities come from its last hidden states through its LM head, computed
     only at the positions that predict a chunk token and :data:`TEACHER_ROWS_PER_CHUNK` rows at a time
     (same values as full logits; the 262k-wide ``B x L x V`` tensor is never built). When the runner
@@ -66,9 +86,12 @@ class ALM(Distiller):
     Deviations: chunks come from character offsets over the response (the shared
     :mod:`ctkd_bench.alignment`) rather than tokenkit's byte-level token-string alignment over the whole
     chat (prompt tokens carry no loss, as in the DSKD protocol); the EOS chunk pairs the two EOS tokens
-    (tokenkit aligns chat-template end-of-turn tokens); "unbiased"/space-merged chunk selection,
-    ``append_space`` and the latent (hidden-state) loss of the full tokenkit recipe are not
-    implemented (the notebook's naive version); the per-token log-probabilities are summed with a
+    (tokenkit aligns chat-template end-of-turn tokens); tokenkit's ``alm_unbiased`` chunk kind (chunk
+    ends chosen by a tokenizer-pair bias matrix, ``scripts/compute_tokenizer_info.py``: cover sets of
+    every pair of tokens with a common suffix, weighted by unigram frequencies of a corpus; used by
+    ``configs/cross_tokenizer_distill.yaml`` with threshold 1e-4) is not implemented: the script's
+    default, the unconstrained chunks merged by the teacher's space probability, is; tokenkit's latent
+    (hidden-state) loss and GradMag loss balancing are not either; the per-token log-probabilities are summed with a
     float64 cumulative sum (exact chunk sums for long responses; tokenkit multiplies by a 0/1
     token-to-chunk matrix). A token at position 0 (nothing predicts it; only possible without any
     prompt or BOS) leaves its chunk and the rest of the chunk stays, as in tokenkit (its ``[:, 1:]``
@@ -83,6 +106,8 @@ class ALM(Distiller):
         "abs": {"distance": "abs"},
         "token-weighted": {"weighting": "token_count"},
         "no-eos-chunk": {"eos_chunk": False},
+        "naive": {"merge_by_space_prob": False, "append_space": False},
+        "no-merge": {"merge_by_space_prob": False},
     }
 
     @dataclass
@@ -93,14 +118,31 @@ class ALM(Distiller):
         distance: Literal["binary_ce", "abs"] = "binary_ce"
         weighting: Literal["chunk_count", "token_count"] = "chunk_count"
         eos_chunk: bool = True
+        merge_by_space_prob: bool = True  # tokenkit alm_mode "merge_by_space_prob"
+        append_space: bool = True  # tokenkit alm_mode "append_space"
+        space_threshold: float = 0.1  # tokenkit tokenizer_pair_bias_threshold (script default)
 
         def __post_init__(self) -> None:
             super().__post_init__()
             require(self, "epsilon", self.epsilon > 0, "> 0")
+            require(self, "space_threshold", 0.0 <= self.space_threshold < 1.0, "in [0, 1)")
+
+        @property
+        def debiased(self) -> bool:
+            return self.merge_by_space_prob or self.append_space
 
     @classmethod
     def needs(cls, config) -> Needs:
-        return Needs(teacher_hidden_states=True, alignment=frozenset({"spans"}), tokenizers="any")
+        alignment = {"spans", "word_starts"} if config.debiased else {"spans"}
+        return Needs(teacher_hidden_states=True, alignment=frozenset(alignment), tokenizers="any")
+
+    def __init__(self, config, context) -> None:
+        super().__init__(config, context)
+        self.word_starts = context.alignment.get("word_starts") if config.debiased else None
+        if config.debiased and self.word_starts is None:
+            raise ValueError(
+                "alm: merge_by_space_prob/append_space need the 'word_starts' alignment artifact"
+            )
 
     def forward(
         self, batch: DistillBatch, student: ModelOutputs, teacher: ModelOutputs | None
@@ -114,14 +156,24 @@ class ALM(Distiller):
         s_start, s_end, t_start, t_end, valid = chunk_table(batch, self.config.eos_chunk)
 
         s_tok = student_token_logprobs(student.logits, batch.student.input_ids, s_start, s_end, valid)
+        ws = self.word_starts
         with torch.no_grad():
-            t_tok = teacher_token_logprobs(teacher, batch.teacher.input_ids, t_start, t_end, valid)
+            t_tok, t_space = teacher_token_logprobs(
+                teacher, batch.teacher.input_ids, t_start, t_end, valid, ws.teacher if ws else None
+            )
         zero = torch.zeros((), device=s_tok.device)
         s_ll = torch.where(valid, chunk_sums(s_tok, s_start, s_end).clamp(max=0.0), zero)  # [B, K']
         t_ll = torch.where(valid, chunk_sums(t_tok, t_start, t_end).clamp(max=0.0), zero).detach()
+        tokens = (t_end - t_start).to(s_ll.dtype) * valid
+        if ws is not None:
+            s_space = student_space_logprobs(student.logits, s_end, valid, ws.student)
+            t_space = t_space.gather(1, (t_end - 1).clamp(min=0, max=t_space.shape[1] - 1))
+            s_ll, t_ll, tokens, valid = debias_chunks(
+                s_ll, t_ll, tokens, s_space, t_space, valid, self.config
+            )
 
         if self.config.weighting == "token_count":
-            weight = (t_end - t_start).to(s_ll.dtype) * valid
+            weight = tokens
         else:
             weight = valid.to(s_ll.dtype)
         if not bool(valid.any()):
@@ -215,29 +267,115 @@ def teacher_token_logprobs(
     start: torch.Tensor,
     end: torch.Tensor,
     valid: torch.Tensor,
-) -> torch.Tensor:
-    """``log p_T(y_u | y_<u)`` at every chunk token u, zero elsewhere (float32 ``[B, L_T]``, no grad).
+    word_starts: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``log p_T(y_u | y_<u)`` at every chunk token u, zero elsewhere (float32 ``[B, L_T]``, no grad), and
+    with ``word_starts`` (bool ``[V']``) the word-start log-probability of the *next* token at every chunk's
+    last token ``end − 1`` (float32 ``[B, L_T]``, see :func:`word_start_logprob`; else ``None``).
 
     From ``teacher.logits`` when given, else from ``teacher.head(hidden_states[-1][rows])`` applied
-    :data:`TEACHER_ROWS_PER_CHUNK` positions at a time (full-vocabulary log-softmax, never ``B x L x V``).
+    :data:`TEACHER_ROWS_PER_CHUNK` positions at a time (full-vocabulary log-softmax, never ``B x L x V``);
+    each needed row goes through the head once, for both quantities.
     """
-    rows, pos = covered_positions(start, end, valid, input_ids.shape[1])
-    out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
+    size, length = input_ids.shape
+    rows, pos = covered_positions(start, end, valid, length)
+    covered = torch.zeros(size, length, dtype=torch.bool, device=input_ids.device)
+    covered[rows, pos] = True
+    need = torch.zeros_like(covered)
+    need[rows, pos - 1] = True  # row u - 1 predicts chunk token u
+    if word_starts is not None:  # row end - 1 predicts what follows the chunk
+        b = torch.arange(size, device=input_ids.device).unsqueeze(1).expand_as(end)
+        need[b[valid], (end[valid] - 1).clamp(min=0)] = True
+    token_lp = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
+    space_lp = torch.zeros_like(token_lp) if word_starts is not None else None
+    rb, rr = need.nonzero(as_tuple=True)
+    if rb.numel() == 0:
+        return token_lp, space_lp
+    nxt = (rr + 1).clamp(max=length - 1)
+    predicts = covered[rb, nxt] & (rr + 1 < length)
+    targets = input_ids[rb, nxt].unsqueeze(1)
+    lps, spaces = [], []
+    for lo in range(0, rb.numel(), TEACHER_ROWS_PER_CHUNK):
+        hi = lo + TEACHER_ROWS_PER_CHUNK
+        if teacher.logits is not None:
+            z = teacher.logits[rb[lo:hi], rr[lo:hi]].detach().float()
+        else:
+            z = teacher.head(teacher.hidden_states[-1][rb[lo:hi], rr[lo:hi]].detach()).detach().float()
+        lps.append(z.gather(1, targets[lo:hi]).squeeze(1) - torch.logsumexp(z, dim=-1))
+        if word_starts is not None:
+            spaces.append(word_start_logprob(z, word_starts))
+    lp = torch.cat(lps).to(token_lp.device)
+    token_lp = token_lp.index_put((rb[predicts], nxt[predicts]), lp[predicts])
+    if space_lp is not None:
+        space_lp = space_lp.index_put((rb, rr), torch.cat(spaces).to(space_lp.device))
+    return token_lp, space_lp
+
+
+def word_start_logprob(logits: torch.Tensor, word_starts: torch.Tensor) -> torch.Tensor:
+    """``min(0, log Σ_v softmax(logits)_v · m(v))`` per row (tokenkit's ``t_space_logp``/``s_space_logp``).
+
+    ``logits`` float ``[N, V]``; ``word_starts`` bool ``[V']`` (the tokenizer's ids; columns past it, a
+    padded head, are never word starts). Returns float32 ``[N]``, carrying the gradient of ``logits``.
+    """
+    z = logits.float()
+    mask = torch.zeros(z.shape[-1], dtype=torch.bool, device=z.device)
+    width = min(z.shape[-1], word_starts.numel())
+    mask[:width] = word_starts[:width].to(z.device)
+    spaced = torch.logsumexp(z.masked_fill(~mask, float("-inf")), dim=-1)
+    return (spaced - torch.logsumexp(z, dim=-1)).clamp(max=0.0)
+
+
+def student_space_logprobs(
+    logits: torch.Tensor, end: torch.Tensor, valid: torch.Tensor, word_starts: torch.Tensor
+) -> torch.Tensor:
+    """:func:`word_start_logprob` of the student at each chunk's last student token ``end − 1``.
+
+    ``logits`` float ``[B, L, V]``, ``end`` long ``[B, K]``, ``valid`` bool ``[B, K]``; float32 ``[B, K]``
+    (zero at invalid chunks), with the student's gradient.
+    """
+    out = torch.zeros(end.shape, dtype=torch.float32, device=logits.device)
+    rows, cols = valid.nonzero(as_tuple=True)
     if rows.numel() == 0:
-        return out
-    targets = input_ids[rows, pos]
-    if teacher.logits is not None:
-        z = teacher.logits[rows, pos - 1].detach().float()
-        lp = z.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(z, dim=-1)
+        return out + zero_loss(logits)
+    at = (end[rows, cols] - 1).clamp(min=0, max=logits.shape[1] - 1)
+    return out.index_put((rows, cols), word_start_logprob(logits[rows, at], word_starts))
+
+
+def debias_chunks(
+    s_ll: torch.Tensor,
+    t_ll: torch.Tensor,
+    tokens: torch.Tensor,
+    s_space: torch.Tensor,
+    t_space: torch.Tensor,
+    valid: torch.Tensor,
+    config,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """tokenkit's ``merge_by_space_prob`` and ``append_space`` on per-chunk values (all ``[B, K]``).
+
+    ``s_ll``, ``t_ll`` chunk log-likelihoods (clipped), ``tokens`` teacher-token counts, ``s_space``,
+    ``t_space`` word-start log-probabilities after each chunk, ``valid`` bool. Returns the same per
+    *group* (``[B, K]``, group g in column g) and the groups' validity.
+    """
+    k = torch.arange(valid.shape[1], device=valid.device).expand_as(valid)
+    if config.merge_by_space_prob:
+        ends_group = (valid & (t_space.exp() > config.space_threshold)).long()
+        group = ends_group.cumsum(1) - ends_group  # the chunks that end a group before this one
     else:
-        hidden = teacher.hidden_states[-1][rows, pos - 1].detach()  # [N, d_T]
-        parts = []
-        for lo in range(0, hidden.shape[0], TEACHER_ROWS_PER_CHUNK):
-            z = teacher.head(hidden[lo : lo + TEACHER_ROWS_PER_CHUNK]).detach().float()  # [n, V_T]
-            tgt = targets[lo : lo + TEACHER_ROWS_PER_CHUNK].unsqueeze(1)
-            parts.append(z.gather(1, tgt).squeeze(1) - torch.logsumexp(z, dim=-1))
-        lp = torch.cat(parts)
-    return out.index_put((rows, pos), lp.to(out.device))
+        group = k
+    s_g, t_g, n_g = (
+        torch.zeros_like(v).scatter_add(1, group, torch.where(valid, v, torch.zeros_like(v)))
+        for v in (s_ll, t_ll, tokens)
+    )
+    last = torch.full_like(k, -1).scatter_reduce(
+        1, group, torch.where(valid, k, torch.full_like(k, -1)), reduce="amax", include_self=True
+    )
+    g_valid = last >= 0
+    if config.append_space:
+        at = last.clamp(min=0)
+        zero = torch.zeros((), device=s_g.device)
+        s_g = s_g + torch.where(g_valid, s_space.gather(1, at), zero)
+        t_g = t_g + torch.where(g_valid, t_space.gather(1, at), zero)
+    return s_g, t_g, n_g, g_valid
 
 
 def chunk_sums(token_logp: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from ctkd_bench.alignment import WordStarts, word_start_mask
 from ctkd_bench.api import MethodContext, ModelOutputs, get_method
 from ctkd_bench.cli import main
 from ctkd_bench.data.batch import DistillBatch, SideBatch, collate
@@ -112,10 +113,15 @@ def make_batch(student: SideBatch, teacher: SideBatch, spans: list[list[tuple]],
     )
 
 
-def alm(**overrides):
+NAIVE = {"merge_by_space_prob": False, "append_space": False}
+
+
+def alm(word_starts=None, **overrides):
+    """The method; the naive recipe (no debiasing) unless ``word_starts`` (student mask, teacher mask) is given."""
     cls = get_method("alm")
-    config = cls.Config(**overrides)
-    return cls(config, MethodContext(None, None, None, None, None, False))
+    config = cls.Config(**({**NAIVE, **overrides} if word_starts is None else overrides))
+    alignment = {} if word_starts is None else {"word_starts": WordStarts(*map(torch.tensor, word_starts))}
+    return cls(config, MethodContext(None, None, None, None, None, False, alignment=alignment))
 
 
 def outputs(logits: torch.Tensor) -> ModelOutputs:
@@ -346,9 +352,115 @@ def test_missing_inputs_raise():
         alm()(batch, outputs(s_logits), ModelOutputs(None, None, None, None, 11))
 
 
+def reference_debiased_kd(s_rows, s_ids, t_rows, t_ids, chunks, masks, threshold, merge=True, append=True):
+    """tokenkit's merge_by_space_prob + append_space spelled out with lists (one example, chunk_count mean)."""
+    s_mask, t_mask = masks
+
+    def word_start(row, mask):  # log Σ_v p(v) over the word-start tokens, clipped at 0
+        return min(math.log(sum(math.exp(lp) for lp, m in zip(logsoftmax(row), mask) if m)), 0.0)
+
+    groups, current = [], []
+    for chunk in chunks:
+        current.append(chunk)
+        if not merge or math.exp(word_start(t_rows[chunk[3] - 1], t_mask)) > threshold:
+            groups.append(current)
+            current = []
+    if current:
+        groups.append(current)
+    total = 0.0
+    for group in groups:
+        ls = sum(chunk_loglik(s_rows, s_ids, s0, s1) for s0, s1, _, _ in group)
+        lt = sum(chunk_loglik(t_rows, t_ids, t0, t1) for _, _, t0, t1 in group)
+        if append:
+            ls += word_start(s_rows[group[-1][1] - 1], s_mask)
+            lt += word_start(t_rows[group[-1][3] - 1], t_mask)
+        total += binary_ce(lt, ls)
+    return total / len(groups), [len(g) for g in groups]
+
+
+# word starts: student id 1, teacher ids 0 and 3. After chunk 1 the teacher puts 0.351 on a word start,
+# after chunk 2 0.843, after the EOS chunk 0.400 (rows 2, 3, 4 of the teacher logits)
+MASKS = ([False, True, False], [True, False, False, True, False])
+
+
+@pytest.mark.parametrize(
+    "threshold, merge, append, sizes",
+    [
+        (0.5, True, True, [2, 1]),  # chunk 1 is merged into chunk 2 (0.351 < 0.5); the EOS chunk alone
+        (0.38, True, True, [2, 1]),
+        (0.1, True, True, [1, 1, 1]),  # every chunk ends a group: append_space only
+        (0.9, True, True, [3]),  # none does: one group of three
+        (0.5, True, False, [2, 1]),
+        (0.5, False, True, [1, 1, 1]),
+    ],
+)
+def test_debiasing_by_hand(threshold, merge, append, sizes):
+    student, teacher, spans, s_logits, t_logits = two_chunk_example()
+    batch = make_batch(student, teacher, spans)
+    s_ids, t_ids = student.input_ids[0].tolist(), teacher.input_ids[0].tolist()
+    s_rows, t_rows = s_logits[0].tolist(), t_logits[0].tolist()
+    chunks = [*spans[0], (3, 4, 4, 5)]
+    expected, groups = reference_debiased_kd(
+        s_rows, s_ids, t_rows, t_ids, chunks, MASKS, threshold, merge, append
+    )
+    assert groups == sizes
+    method = alm(MASKS, space_threshold=threshold, merge_by_space_prob=merge, append_space=append)
+    kd = method(batch, outputs(s_logits), outputs(t_logits))["kd"]
+    assert kd.item() == pytest.approx(expected, rel=1e-5)
+
+    # the first case by hand: group 1 = chunks 1+2, + the word-start terms after chunk 2
+    if (threshold, merge, append) == (0.5, True, True):
+        ws_t = math.log(sum(math.exp(v) for v, m in zip(logsoftmax(t_rows[3]), MASKS[1]) if m))
+        ws_s = math.log(sum(math.exp(v) for v, m in zip(logsoftmax(s_rows[2]), MASKS[0]) if m))
+        lt1 = logsoftmax(t_rows[0])[1] + logsoftmax(t_rows[1])[3] + logsoftmax(t_rows[2])[2] + ws_t
+        ls1 = logsoftmax(s_rows[0])[2] + logsoftmax(s_rows[1])[1] + ws_s
+        ws_t_eos = math.log(0.4)  # uniform teacher row 4: 2 of 5 tokens start a word
+        ws_s_eos = math.log(sum(math.exp(v) for v, m in zip(logsoftmax(s_rows[3]), MASKS[0]) if m))
+        lt2 = logsoftmax(t_rows[3])[0] + ws_t_eos
+        ls2 = logsoftmax(s_rows[2])[0] + ws_s_eos
+        assert expected == pytest.approx((binary_ce(lt1, ls1) + binary_ce(lt2, ls2)) / 2, rel=1e-12)
+
+
+def test_debiasing_head_path_equals_logits_path_and_gradients_reach_the_student(monkeypatch):
+    alm_module = sys.modules[type(alm()).__module__]
+    monkeypatch.setattr(alm_module, "TEACHER_ROWS_PER_CHUNK", 2)
+    batch, s_logits, _, *_ = random_case(1)
+    hidden, w = torch.randn(2, 6, 5), torch.randn(11, 5)
+    masks = ([i % 3 == 0 for i in range(s_logits.shape[-1])], [i % 2 == 0 for i in range(11)])
+    via_head = ModelOutputs(None, (hidden,), None, lambda h, rows=None: h @ w.T, 11)
+    s = s_logits.clone().requires_grad_(True)
+    a = alm(masks, space_threshold=0.3)(batch, outputs(s), via_head)["kd"]
+    b = alm(masks, space_threshold=0.3)(batch, outputs(s_logits), outputs(hidden @ w.T))["kd"]
+    assert a.item() == pytest.approx(b.item(), rel=1e-6)
+    assert a.item() != pytest.approx(alm()(batch, outputs(s_logits), outputs(hidden @ w.T))["kd"].item())
+    a.backward()
+    assert s.grad.abs().sum() > 0
+
+
+def test_word_start_masks_of_the_real_tokenizers(smol_tok, gemma_tok):
+    for tok in (smol_tok, gemma_tok):
+        mask = word_start_mask(tok)
+        assert mask.shape == (len(tok),)
+        ids = tok(" the\nthe\tthe", add_special_tokens=False)["input_ids"]
+        pieces = [tok.decode([i]) for i in ids]
+        assert [bool(mask[i]) for i in ids] == [p[:1] in (" ", "\n", "\t") for p in pieces]
+        assert bool(mask[tok.eos_token_id])  # special tokens end a word (tokenkit's "special")
+        assert not bool(mask[tok("the", add_special_tokens=False)["input_ids"][0]])
+
+
+def test_debiased_is_the_default_and_naive_an_ablation():
+    cls = get_method("alm")
+    config = cls.Config()
+    assert (config.merge_by_space_prob, config.append_space, config.space_threshold) == (True, True, 0.1)
+    assert cls.needs(config).alignment == frozenset({"spans", "word_starts"})
+    assert cls.ablations["naive"] == NAIVE
+    with pytest.raises(ValueError, match="word_starts"):
+        cls(config, MethodContext(None, None, None, None, None, False))
+
+
 def test_needs_and_weights():
     cls = get_method("alm")
-    needs = cls.needs(cls.Config())
+    needs = cls.needs(cls.Config(**NAIVE))
     assert needs.teacher_hidden_states and not needs.teacher_logits
     assert needs.alignment == frozenset({"spans"}) and needs.tokenizers == "any"
     assert alm().loss_weights() == {"ce": 0.5, "kd": 0.5}

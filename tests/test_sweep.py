@@ -183,8 +183,14 @@ def test_a_run_resumed_from_its_checkpoint_equals_an_uninterrupted_run(tmp_path,
 
 def test_killing_a_sweep_and_rerunning_it_loses_only_the_run_in_progress(tmp_path, shared_data):
     steps = {"steps": 40, "batch_size": 2, "max_length": 64}
+    # one run after the other, so one run is in progress (a lockstep group resuming: test_lockstep.py)
     path = _experiment(
-        tmp_path, shared_data, methods=["sft", "token-kld", "uld"], train=steps, checkpoint_every=3
+        tmp_path,
+        shared_data,
+        methods=["sft", "token-kld", "uld"],
+        train=steps,
+        checkpoint_every=3,
+        lockstep=1,
     )
     results = tmp_path / "results"
     command = [sys.executable, "-m", "ctkd_bench", "run", "--config", str(path), "--no-progress"]

@@ -123,7 +123,7 @@ def test_a_finished_run_releases_its_student_before_the_next_run(tiny_request, m
         MethodRun("token-kld"),
         MethodRun("token-kld", overrides={"temperature": 1.0}),
     ]
-    outcomes = run(tiny_request(methods))
+    outcomes = run(tiny_request(methods, lockstep=1))  # one after the other (groups: test_lockstep.py)
     assert [o.status for o in outcomes] == ["finished"] * 3
     assert alive_at_start == [False, False, False]
 

@@ -3,7 +3,8 @@
 * :func:`align_spans`: char-offset spans (SRA spans / ALM chunks) and token pairs;
 * :func:`shared_vocab`: token strings present in both vocabularies, as index tensors;
 * :func:`align_response_positions`: response positions paired by index (ULD, MultiLevelOT);
-* :func:`mined_vocab_map`, :class:`MinedAligner`: MinED (DTW over token strings, min-edit-distance vocabulary map).
+* :func:`mined_vocab_map`, :class:`MinedAligner`: MinED (DTW over token strings, min-edit-distance vocabulary map);
+* :func:`word_start_mask`: the tokens that start a word on each side (ALM's debiasing, tokenkit's space masks).
 
 Each is an alignment *artifact* registered by name in :mod:`ctkd_bench.alignment.registry` (how it is
 built per tokenizer pair, per example and per batch); methods name the ones they need in
@@ -29,6 +30,7 @@ from ctkd_bench.alignment.vocab import (
     token_surfaces,
     tokenizer_fingerprint,
 )
+from ctkd_bench.alignment.word_starts import WordStarts, word_start_mask
 
 __all__ = [
     # the registry
@@ -55,4 +57,6 @@ __all__ = [
     "shared_vocab",
     "token_surfaces",
     "tokenizer_fingerprint",
+    "WordStarts",
+    "word_start_mask",
 ]
