@@ -489,7 +489,8 @@ def _ablate_command() -> click.Command:
         "run a method's declared ablations on the same pair, data, seed and steps; print the table",
         "Run every ablation that METHOD declares (see `ctkd-bench list`), each as its own run with its own "
         "record (the ablation name is part of it), on the same pair, data, batches, seed and steps, then "
-        "print the ablation table (rows: ablations; columns: loss terms and cost). Finished records are "
+        "print the report's ablation table (rows: ablations; columns: scores, then the final loss terms), "
+        "and a line for each run that did not finish. Finished records are "
         "reused, so an interrupted ablation resumes.",
         _examples(
             "ctkd-bench ablate sra --steps 5",
