@@ -13,8 +13,14 @@ import pytest
 import torch
 
 from ctkd_bench import zoo
-from ctkd_bench.alignment import TokenizerPair, build_pair_artifacts, get_alignment, register_alignment
-from ctkd_bench.api import IGNORE_INDEX, Distiller, Needs, register_method
+from ctkd_bench.alignment import (
+    ALIGNMENTS,
+    TokenizerPair,
+    build_pair_artifacts,
+    get_alignment,
+    register_alignment,
+)
+from ctkd_bench.api import IGNORE_INDEX, METHODS, Distiller, Needs
 from ctkd_bench.cli import main
 from ctkd_bench.data.batch import collate
 from ctkd_bench.data.encode import PairEncoder
@@ -49,18 +55,10 @@ def _per_batch(values: list[np.ndarray], batch) -> Counts:
     return Counts(torch.from_numpy(np.stack(values)), len(batch))
 
 
-register_alignment(
-    "my_artifact",
-    summary="a test artifact: teacher vocabulary size (per pair) and labelled tokens (per example)",
-    per_pair=_per_pair,
-    per_example=_per_example,
-    per_batch=_per_batch,
-)
-
-
-@register_method("test-my-artifact")
 class ReadsMyArtifact(Distiller):
     """Records what it reads from the batch; its ``kd`` term is the mean labelled-token count."""
+
+    name = "test-my-artifact"
 
     @classmethod
     def needs(cls, config) -> Needs:
@@ -82,6 +80,24 @@ class ReadsMyArtifact(Distiller):
             }
         )
         return {"kd": zero_loss(student.logits) + counts.rows[:, 1].float().mean()}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _registered():
+    """The test artifact and method exist while this module's tests run, and never leak into others'."""
+    register_alignment(
+        "my_artifact",
+        summary="a test artifact: teacher vocabulary size (per pair) and labelled tokens (per example)",
+        per_pair=_per_pair,
+        per_example=_per_example,
+        per_batch=_per_batch,
+    )
+    METHODS.add(ReadsMyArtifact.name, ReadsMyArtifact)
+    try:
+        yield
+    finally:
+        del ALIGNMENTS._objects["my_artifact"]
+        del METHODS._objects[ReadsMyArtifact.name]
 
 
 def test_needs_takes_any_iterable_and_names_the_known_artifacts():
