@@ -82,6 +82,16 @@ class Needs:
     (needs one shared tokenizer, e.g. plain KD over the full vocabulary). ``alignment``: the names of
     the alignment artifacts to build (any iterable; kept as a frozenset), each registered in
     :data:`ctkd_bench.alignment.registry.ALIGNMENTS`.
+
+    Which teacher *features* the method reads, so that the runner hands it nothing else and the
+    teacher-output cache (:mod:`ctkd_bench.teacher_cache`) stores nothing else: ``teacher_layers``, the
+    entries of ``hidden_states`` (HF indices: 0 the embeddings, -1 the last layer after the final norm;
+    ``None``: all); ``teacher_attention_layers``, the entries of ``attentions`` (0-based, -1 the last;
+    ``None``: all); ``teacher_attention_rows``, ``"all"`` or ``"last"`` (the method reads only the row of
+    each example's last real query, e.g. SRA's token mass). An undeclared layer reaches the method as
+    ``None``; from the cache, the undeclared attention rows are NaN, so a method that reads them fails
+    loudly instead of learning from zeros. Full ``teacher_logits`` are computed from the last hidden state
+    and the teacher's head, so a method that needs them declares no layer for them.
     """
 
     teacher: bool = True
@@ -92,9 +102,19 @@ class Needs:
     student_attentions: bool = False
     alignment: frozenset[str] = frozenset()
     tokenizers: str = "any"
+    teacher_layers: frozenset[int] | None = None
+    teacher_attention_layers: frozenset[int] | None = None
+    teacher_attention_rows: str = "all"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "alignment", frozenset(self.alignment))
+        for name in ("teacher_layers", "teacher_attention_layers"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, frozenset(int(i) for i in getattr(self, name)))
+        if self.teacher_attention_rows not in ("all", "last"):
+            raise ValueError(
+                f"Needs.teacher_attention_rows must be 'all' or 'last', not {self.teacher_attention_rows!r}"
+            )
         unknown = sorted(name for name in self.alignment if name not in ALIGNMENTS)
         if unknown:
             raise ValueError(f"unknown alignment artifacts {unknown}; known: {ALIGNMENTS.names()}")

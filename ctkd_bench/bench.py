@@ -17,7 +17,13 @@ method's teacher s/step being its share of the group's forward; ``--lockstep 1``
 where a student step is a method's step minus its teacher share and "one teacher forward" is the
 largest whole teacher forward of a step (the forward that computes the union of what the methods
 need). 1.0 means the teacher is run once per step for the whole sweep, which lockstep students do when
-they all fit in one group. The last line is exactly ``max_method_ratio=<float> sweep_ratio=<float>``.
+they all fit in one group.
+
+With ``--teacher-cache`` the timed runs store the teacher's outputs in a temporary teacher-output cache
+(:mod:`ctkd_bench.teacher_cache`) and then run again from it alone (the teacher is not loaded); that
+second pass prints its own table and its sweep ratio with the same denominator (its student steps plus
+the first pass's one teacher forward): below 1.0 when reading the cache costs less than the forward.
+The last line is exactly ``max_method_ratio=<float> sweep_ratio=<float>`` (the live pass's).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ class MethodCost:
     status: str
     teacher_forward_seconds_per_step: float | None = None  # whole (lockstep: shared); None: the share
     lockstep: int = 1
+    teacher_cache: dict | None = None  # the record's cost.teacher_cache (which features, how many batches)
 
     def __post_init__(self) -> None:
         if self.teacher_forward_seconds_per_step is None:  # a run alone: its share is the whole forward
@@ -73,6 +80,7 @@ def measure(request, log=print) -> list[MethodCost]:
                 outcome.status,
                 cost.get("teacher_forward_seconds_per_step"),
                 int(cost.get("lockstep", 1)),
+                cost.get("teacher_cache"),
             )
         )
     return costs
@@ -110,11 +118,28 @@ def table(costs: list[MethodCost], per_method: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def bench(request, log=print) -> tuple[float, float]:
-    """Measure, print the table and the closing line; returns (max method ratio, sweep ratio)."""
-    costs = measure(request, log=log)
-    per_method, sweep = ratios(costs)
-    log(table(costs, per_method))
+def bench(request, log=print, from_cache: bool = False) -> tuple[float, float]:
+    """Measure, print the table and the closing line; returns (max method ratio, sweep ratio).
+
+    ``from_cache``: the timed runs fill a temporary teacher-output cache, then run again from it alone.
+    """
+    from dataclasses import replace
+
+    with tempfile.TemporaryDirectory(prefix="ctkd-bench-teacher-") as root:
+        live = replace(request, teacher_cache=Path(root) if from_cache else None, teacher_cache_read=False)
+        costs = measure(live, log=log)
+        per_method, sweep = ratios(costs)
+        log(table(costs, per_method))
+        _sweep_line(costs, log)
+        if from_cache:
+            cached = measure(replace(live, teacher_cache_read=True), log=log)
+            _cache_lines(costs, cached, log)
+    top = max(per_method.values()) if per_method else 1.0
+    log(f"max_method_ratio={top:.4f} sweep_ratio={sweep:.4f}")
+    return top, sweep
+
+
+def _sweep_line(costs: list[MethodCost], log) -> None:
     group = max((c.lockstep for c in costs), default=1)
     how = (
         f"lockstep groups of up to {group} students, one teacher forward per group and step"
@@ -124,6 +149,20 @@ def bench(request, log=print) -> tuple[float, float]:
     log(
         f"sweep ({how}): {sum(c.seconds_per_step for c in costs if c.method != 'sft'):.3f} s per step of all methods"
     )
-    top = max(per_method.values()) if per_method else 1.0
-    log(f"max_method_ratio={top:.4f} sweep_ratio={sweep:.4f}")
-    return top, sweep
+
+
+def _cache_lines(live: list[MethodCost], cached: list[MethodCost], log) -> None:
+    """The second pass's table, whether the teacher ran at all, and its sweep ratio against the first's
+    one teacher forward."""
+    per_method, _ = ratios(cached)
+    log("from the teacher-output cache:")
+    log(table(cached, per_method))
+    users = [c for c in cached if c.method != "sft" and c.status == "finished"]
+    forwards = sum((c.teacher_cache or {}).get("batches_live", 0) for c in users)
+    one_teacher = max((c.teacher_forward_seconds_per_step for c in live if c.method != "sft"), default=0.0)
+    sweep = sum(c.seconds_per_step for c in users) / (sum(c.student_seconds for c in users) + one_teacher)
+    log(
+        f"cache sweep: {sum(c.seconds_per_step for c in users):.3f} s per step of all methods, "
+        f"{forwards} live teacher batches ({'the teacher was not loaded' if forwards == 0 else 'the cache missed some'}); "
+        f"cache_sweep_ratio={sweep:.4f}"
+    )

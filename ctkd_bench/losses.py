@@ -6,6 +6,8 @@ Shapes follow torchtune's ``kd_losses.py`` habit: every function documents its t
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -64,7 +66,37 @@ def lm_head_logits(
         final-logit soft-capping (Gemma-2 style) included.
     """
     head = model.get_output_embeddings()
-    weight, bias = head.weight, getattr(head, "bias", None)
+    return head_logits(
+        LMHead.of(model, head.weight, getattr(head, "bias", None)), hidden, rows=rows, vocab_size=vocab_size
+    )
+
+
+class LMHead(NamedTuple):
+    """What an LM head computes, without the model: its weight ``[V, d]``, bias ``[V]`` or ``None``, and
+    the two scalar post-processings of some families (Gemma-2's soft-capping, Cohere's logit scale)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    softcap: float | None
+    logit_scale: float | None
+
+    @classmethod
+    def of(cls, model, weight: torch.Tensor, bias: torch.Tensor | None) -> LMHead:
+        config = getattr(model, "config", None)
+        scale = getattr(config, "logit_scale", None)
+        return cls(
+            weight,
+            bias,
+            getattr(config, "final_logit_softcapping", None) or None,
+            float(scale) if isinstance(scale, (int, float)) and scale != 1 else None,
+        )
+
+
+def head_logits(
+    head: LMHead, hidden: torch.Tensor, rows: torch.Tensor | None = None, vocab_size: int | None = None
+) -> torch.Tensor:
+    """:func:`lm_head_logits` from an :class:`LMHead` (e.g. one read from the teacher-output cache)."""
+    weight, bias = head.weight, head.bias
     if rows is not None:
         weight = weight.index_select(0, rows)
         bias = bias.index_select(0, rows) if bias is not None else None
@@ -72,13 +104,10 @@ def lm_head_logits(
         weight = weight[:vocab_size]
         bias = bias[:vocab_size] if bias is not None else None
     logits = F.linear(hidden.to(weight.dtype), weight, bias)
-    config = getattr(model, "config", None)
-    cap = getattr(config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    scale = getattr(config, "logit_scale", None)
-    if isinstance(scale, (int, float)) and scale != 1:  # Cohere-style scaled heads
-        logits = logits * scale
+    if head.softcap:
+        logits = torch.tanh(logits / head.softcap) * head.softcap
+    if head.logit_scale is not None:  # Cohere-style scaled heads
+        logits = logits * head.logit_scale
     return logits
 
 

@@ -36,6 +36,7 @@ import math
 import random
 import threading
 import time
+from collections import Counter
 from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -74,6 +75,7 @@ from ctkd_bench.records import (
     record_name,
     versions,
 )
+from ctkd_bench.teacher_cache import Features, TeacherCache, example_key, restrict, store_identity
 
 # ------------------------------------------------------------------------ settings: what a run is asked to do
 
@@ -199,6 +201,11 @@ class RunRequest:
     # students that step together on one teacher forward (None: as many as memory allows; 1: one at a
     # time); not in a run's identity: the records are those of runs trained one after the other
     lockstep: int | None = None
+    # the root folder of the teacher-output cache (ctkd_bench.teacher_cache; None: off): the teacher's
+    # outputs are read from it where it holds them and stored otherwise. Not in a run's identity either:
+    # the stored tensors are those of a live forward
+    teacher_cache: Path | None = None
+    teacher_cache_read: bool = True  # False: store only, every batch live (bench's first, timed pass)
 
     @classmethod
     def from_settings(
@@ -224,7 +231,7 @@ class RunRequest:
             raise UserError(
                 f"{where}unknown run setting {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}"
             )
-        for key in ("results_dir", "save_model", "checkpoint_dir"):
+        for key in ("results_dir", "save_model", "checkpoint_dir", "teacher_cache"):
             if settings.get(key) is not None:
                 settings[key] = Path(settings[key])
         if not isinstance(train, TrainConfig):
@@ -328,9 +335,11 @@ def _run_pair(request, accelerator, pair, resolved, examples, data, log) -> list
     if not planned:
         return outcomes
     try:
-        _prepare_pair(request, accelerator, pc, planned, examples)
+        _prepare_pair(request, accelerator, pc, planned, examples, log)
         outcomes.extend(_execute_planned(request, accelerator, pc, planned, log))
     finally:
+        if pc.cache is not None:
+            pc.cache.flush()
         for planned_run in planned:
             planned_run.lock.release()
     return outcomes
@@ -517,7 +526,12 @@ class PairContext:
     vocab: SharedVocab | None = None
     vocab_map: VocabMap | None = None
     artifacts: dict[str, Any] = field(default_factory=dict)  # per-pair values, name -> value
-    teacher: Any = None
+    teacher: Any = None  # the loaded teacher; None also when every batch comes from the cache
+    cache: TeacherCache | None = None  # the teacher-output cache (request.teacher_cache)
+    teacher_config: Any = None  # for MethodContext: the teacher's config, its layer count, its scale
+    teacher_layers: int = 0
+    teacher_embedding_scale: float = 1.0
+    teacher_dtype: str | None = None
 
     @property
     def names(self) -> str:
@@ -525,7 +539,7 @@ class PairContext:
         return f"{teacher.short if teacher else 'none'}:{student.short}"
 
 
-def _prepare_pair(request, accelerator, pc: PairContext, planned: list[PlannedRun], examples) -> None:
+def _prepare_pair(request, accelerator, pc: PairContext, planned: list[PlannedRun], examples, log) -> None:
     """Alignment artifacts, the training stream and the teacher, as far as the runs to train need them."""
     training = [p for p in planned if p.trained is None]
     if not training:
@@ -554,14 +568,81 @@ def _prepare_pair(request, accelerator, pc: PairContext, planned: list[PlannedRu
         examples, pc.encoder, count, train.seed, progress=request.progress and accelerator.is_main_process
     )
     if any(p.needs.teacher for p in training):
-        # a frozen teacher needs no fp32 master weights: bf16 on GPUs halves its memory
-        teacher_dtype = "bfloat16" if accelerator.mixed_precision == "bf16" else "float32"
-        teacher = zoo.load_model(pc.specs[0], seed=train.seed, dtype=teacher_dtype)
-        if any(p.needs.teacher_attentions for p in training):
-            teacher.set_attn_implementation("eager")
-        teacher.requires_grad_(False)
-        teacher.eval()
-        pc.teacher = teacher.to(accelerator.device)
+        _prepare_teacher(request, accelerator, pc, training, log)
+
+
+def _prepare_teacher(request, accelerator, pc: PairContext, training: list[PlannedRun], log) -> None:
+    """The teacher, loaded; or, with ``teacher_cache``, read from the cache alone when it holds every
+    training example's features (the teacher is then not loaded at all)."""
+    train, spec = request.train, pc.specs[0]
+    # a frozen teacher needs no fp32 master weights: bf16 on GPUs halves its memory
+    pc.teacher_dtype = "bfloat16" if accelerator.mixed_precision == "bf16" else "float32"
+    eager = any(p.needs.teacher_attentions for p in training)
+    if request.teacher_cache:
+        identity = store_identity(
+            zoo.model_identity(spec),
+            seed=train.seed if zoo.seeded_weights(spec) else None,
+            dtype=pc.teacher_dtype,
+            device=accelerator.device.type,
+        )
+        pc.cache = TeacherCache(request.teacher_cache, identity, read=request.teacher_cache_read)
+        if pc.cache.has_teacher and pc.cache.reading:
+            info = pc.cache.teacher()
+            pc.teacher_config, pc.teacher_embedding_scale = info.config, info.embedding_scale
+            pc.teacher_layers = pc.cache.layer_count()
+            features = _features(pc, [p.needs for p in training])
+            keys = {
+                example_key(torch.as_tensor(e.teacher.input_ids), torch.ones(len(e.teacher.input_ids)))
+                for e in pc.stream
+            }
+            stored = sum(pc.cache.covers([key], features) for key in keys)
+            if stored == len(keys):
+                log(
+                    f"teacher: all {len(keys)} examples' features ({', '.join(features.names())}) read from "
+                    f"the teacher-output cache {pc.cache.dir}; the teacher is not loaded"
+                )
+                return
+            log(
+                f"teacher-output cache {pc.cache.dir}: {stored} of {len(keys)} examples stored; the teacher "
+                "computes and stores the others"
+            )
+    teacher = zoo.load_model(spec, seed=train.seed, dtype=pc.teacher_dtype)
+    if eager:
+        teacher.set_attn_implementation("eager")
+    teacher.requires_grad_(False)
+    teacher.eval()
+    pc.teacher = teacher.to(accelerator.device)
+    pc.teacher_config, pc.teacher_layers = teacher.config, int(teacher.config.num_hidden_layers)
+    pc.teacher_embedding_scale = zoo.embedding_scale(teacher)
+    if pc.cache is not None:
+        pc.cache.save_teacher(teacher, zoo.vocab_size(pc.tokenizers[1]), pc.teacher_embedding_scale)
+
+
+def _features(pc: PairContext, needs: list[Needs]) -> Features:
+    """The teacher features that ``needs`` read, resolved against the teacher's layers."""
+    features = Features()
+    for one in needs:
+        features = features.union(Features.of(one, pc.teacher_layers))
+    return features
+
+
+def pair_teacher(pc: PairContext, batch: DistillBatch, needs: Needs, vocab: int) -> tuple[ModelOutputs, str]:
+    """The teacher's outputs of what ``needs`` asks for, and where they came from: ``"cache"`` (every
+    example of the batch stored) or ``"live"`` (a forward, whose features are then stored when the cache
+    is on)."""
+    features = Features.of(needs, pc.teacher_layers)
+    if pc.cache is not None:
+        cached = pc.cache.read(batch, features, pc.teacher_layers)
+        if cached is not None:
+            return cached, "cache"
+    if pc.teacher is None:
+        raise RuntimeError("the teacher-output cache lacks a batch's features and the teacher is not loaded")
+    if pc.cache is not None and features.hidden:  # the stored features include the last layer for logits
+        needs = replace(needs, teacher_hidden_states=True, teacher_layers=None)
+    outputs = teacher_forward(pc.teacher, batch, needs, vocab)
+    if pc.cache is not None:
+        pc.cache.write(batch, outputs, features)
+    return outputs, "live"
 
 
 def training_stream(
@@ -948,7 +1029,12 @@ def _auto_lockstep(recipe: StudentRecipe, free: int, runs: int, log) -> int:
         from accelerate.utils import broadcast_object_list
 
         size = broadcast_object_list([size])[0]
-    shared = "one teacher forward" if recipe.pair.teacher is not None else "the same batches"
+    if recipe.pair.teacher is not None:
+        shared = "one teacher forward"
+    elif recipe.pair.cache is not None:
+        shared = "the same cached teacher outputs"
+    else:
+        shared = "the same batches"
     what = "1 student at a time" if size == 1 else f"{size} students step together on {shared}"
     log(f"lockstep: {what} (≈{each / 1e9:.1f} GB each of {free / 1e9:.1f} GB free; --lockstep N to change)")
     return size
@@ -1028,30 +1114,37 @@ def _micro_batch(request, accelerator, pc: PairContext, live: list[LockstepRun],
     for m in live:
         if m.live:
             with m.turn(request, accelerator):
-                m.recipe.micro_step(step, m.batch, _restricted(teacher, m.recipe.needs), m.sums)
+                m.recipe.micro_step(
+                    step, m.batch, _restricted(teacher, m.recipe.needs, pc.teacher_layers), m.sums
+                )
         m.batch = None
 
 
 def _union_needs(needs: list[Needs]) -> Needs:
     """What the group's one teacher forward computes: each teacher output that one of the methods needs."""
+    hidden = [n for n in needs if n.teacher_hidden_states]
+    attention = [n for n in needs if n.teacher_attentions]
+
+    def layers(users: list[Needs], name: str) -> frozenset[int] | None:
+        declared = [getattr(n, name) for n in users]
+        return None if any(d is None for d in declared) else frozenset().union(*declared)
+
     return Needs(
         teacher=any(n.teacher for n in needs),
         teacher_logits=any(n.teacher_logits for n in needs),
-        teacher_hidden_states=any(n.teacher_hidden_states for n in needs),
-        teacher_attentions=any(n.teacher_attentions for n in needs),
+        teacher_hidden_states=bool(hidden),
+        teacher_attentions=bool(attention),
+        teacher_layers=layers(hidden, "teacher_layers"),
+        teacher_attention_layers=layers(attention, "teacher_attention_layers"),
+        teacher_attention_rows="all" if any(n.teacher_attention_rows == "all" for n in attention) else "last",
     )
 
 
-def _restricted(outputs: ModelOutputs | None, needs: Needs) -> ModelOutputs | None:
+def _restricted(outputs: ModelOutputs | None, needs: Needs, layers: int) -> ModelOutputs | None:
     """The shared teacher outputs cut to what one method asked for: exactly what it gets alone."""
     if outputs is None or not needs.teacher:
         return None
-    return replace(
-        outputs,
-        logits=outputs.logits if needs.teacher_logits else None,
-        hidden_states=outputs.hidden_states if needs.teacher_hidden_states else None,
-        attentions=outputs.attentions if needs.teacher_attentions else None,
-    )
+    return restrict(outputs, needs, layers)
 
 
 def _shared_teacher(request, accelerator, pc: PairContext, live: list[LockstepRun], union: Needs):
@@ -1066,7 +1159,7 @@ def _shared_teacher(request, accelerator, pc: PairContext, live: list[LockstepRu
     started = time.perf_counter()
     try:
         with accelerator.autocast():
-            outputs = teacher_forward(pc.teacher, batch, union, users[0].recipe.teacher_vocab)
+            outputs, source = pair_teacher(pc, batch, union, users[0].recipe.teacher_vocab)
     except Exception as err:
         if not _fails_only_its_run(request, err):
             raise
@@ -1077,6 +1170,7 @@ def _shared_teacher(request, accelerator, pc: PairContext, live: list[LockstepRu
     for m in users:
         m.teacher_seconds += seconds / len(users)
         m.forward_seconds += seconds
+        m.recipe.teacher_sources[source] += 1
     return outputs
 
 
@@ -1136,6 +1230,7 @@ class StudentRecipe:
         self.teacher_seconds: list[float] = []  # each step: this run's share of the teacher forwards
         self.forward_seconds: list[float] = []  # each step: the teacher forwards, whole (shared or not)
         self.lockstep = 1  # the size of the lockstep group that this run trains in
+        self.teacher_sources: Counter = Counter()  # teacher batches by source: "live", "cache"
         self.first_step = 1
         self.resumed_from_step: int | None = None
 
@@ -1157,11 +1252,10 @@ class StudentRecipe:
     def _setup_model(self, method_cls: type[Distiller], method_config: Any) -> None:
         config, pair = self.config, self.pair
         student_tok, teacher_tok = pair.tokenizers
-        teacher = pair.teacher
         student = zoo.load_model(pair.specs[1], seed=config.seed)
         context = MethodContext(
             student_config=student.config,
-            teacher_config=teacher.config if teacher is not None else None,
+            teacher_config=pair.teacher_config,
             student_tokenizer=student_tok,
             teacher_tokenizer=teacher_tok,
             shared_vocab=pair.vocab,
@@ -1169,7 +1263,7 @@ class StudentRecipe:
             vocab_map=pair.vocab_map,
             alignment=pair.artifacts,
             student_embedding_scale=zoo.embedding_scale(student),
-            teacher_embedding_scale=zoo.embedding_scale(teacher) if teacher is not None else 1.0,
+            teacher_embedding_scale=pair.teacher_embedding_scale,
         )
         self.method = method_cls(method_config, context)
         self.needs = self.method.requirements
@@ -1214,6 +1308,7 @@ class StudentRecipe:
         self.scheduler.load_state_dict(resumed["scheduler"])
         self.step_seconds, self.teacher_seconds = resumed["step_seconds"], resumed["teacher_seconds"]
         self.forward_seconds = resumed.get("forward_seconds", list(self.teacher_seconds))
+        self.teacher_sources = Counter(resumed.get("teacher_sources", {}))
         self.selection.load_state(resumed.get("selection"))
         self.first_step = resumed["step"] + 1
         for _ in range(resumed["step"] * self.config.grad_accum):  # the same batches, in the same order
@@ -1238,11 +1333,14 @@ class StudentRecipe:
         return next(self.batches).to(self.accelerator.device)
 
     def teacher_outputs(self, batch: DistillBatch) -> ModelOutputs | None:
-        """The teacher's forward of what this run's method needs (``None`` when it needs no teacher)."""
+        """The teacher's outputs of what this run's method needs (``None`` when it needs no teacher): a
+        forward, or the teacher-output cache's."""
         if not self.needs.teacher:
             return None
         with self.accelerator.autocast():
-            return teacher_forward(self.pair.teacher, batch, self.needs, self.teacher_vocab)
+            outputs, source = pair_teacher(self.pair, batch, self.needs, self.teacher_vocab)
+        self.teacher_sources[source] += 1
+        return restrict(outputs, self.needs, self.pair.teacher_layers)
 
     def micro_step(
         self, step: int, batch: DistillBatch, teacher: ModelOutputs | None, sums: dict[str, float]
@@ -1343,6 +1441,7 @@ class StudentRecipe:
                     "step_seconds": self.step_seconds,
                     "teacher_seconds": self.teacher_seconds,
                     "forward_seconds": self.forward_seconds,
+                    "teacher_sources": dict(self.teacher_sources),
                     "selection": self.selection.state(),
                     "rng": torch.get_rng_state(),
                 }
@@ -1392,11 +1491,23 @@ class StudentRecipe:
             "peak_memory_kind": memory.kind,
             "peak_memory_scope": "this run" if self.lockstep == 1 else f"lockstep group of {self.lockstep}",
             "device": str(accelerator.device),
-            "teacher_dtype": str(next(self.pair.teacher.parameters()).dtype).replace("torch.", "")
-            if self.needs.teacher
-            else None,
+            "teacher_dtype": self.pair.teacher_dtype if self.needs.teacher else None,
             "mixed_precision": accelerator.mixed_precision,
             "num_processes": accelerator.num_processes,
+            **(
+                {"teacher_cache": self._cache_use()}
+                if self.pair.cache is not None and self.needs.teacher
+                else {}
+            ),
+        }
+
+    def _cache_use(self) -> dict[str, Any]:
+        """Which teacher features came from the cache, and for how many of the run's batches."""
+        features = Features.of(self.needs, self.pair.teacher_layers)
+        return {
+            **self.pair.cache.describe(features),
+            "batches_from_cache": self.teacher_sources["cache"],
+            "batches_live": self.teacher_sources["live"],
         }
 
 

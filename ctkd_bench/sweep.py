@@ -23,6 +23,7 @@ An experiment file is YAML (``ctkd-bench run --config FILE.yaml``)::
     checkpoint_dir: ~/.cache/ctkd-bench/checkpoints/dolly-small   # default: RESULTS/.checkpoints
     device: auto
     lockstep: 4                       # students on one teacher forward (default: as memory allows; 1: one at a time)
+    teacher_cache: true               # the teacher-output cache: true (CACHE/teacher-outputs) or a folder
 
 Relative paths are taken from the working directory, like the command line's, and made absolute when
 the file is read, so that cluster jobs do not depend on where they start.
@@ -74,6 +75,7 @@ KEYS = {
     "eval_untrained",
     "checkpoint_dir",
     "lockstep",
+    "teacher_cache",
 }
 LAUNCHERS = ("inline", "local", "slurm")
 
@@ -100,6 +102,7 @@ class Experiment:
     eval_untrained: bool = False
     checkpoint_dir: str | None = None  # default: RESULTS/.checkpoints
     lockstep: int | None = None  # students that step together on one teacher forward (None: auto)
+    teacher_cache: str | None = None  # the teacher-output cache's folder (ctkd_bench.teacher_cache)
 
     def jobs(self, teachers: dict[str, str] | None = None) -> list[dict[str, Any]]:
         """Every run of the experiment as a plain, picklable dict (one cluster array task each).
@@ -116,6 +119,7 @@ class Experiment:
             "checkpoint_every": self.checkpoint_every,
             "checkpoint_dir": self.checkpoint_dir,
             "lockstep": self.lockstep,
+            "teacher_cache": self.teacher_cache,
             "device": self.device,
             "save_model": self.save_model,
             "results_dir": str(self.results_dir),
@@ -251,6 +255,7 @@ def load_experiment(path: str | Path) -> Experiment:
         eval_untrained=_flag(raw.get("eval_untrained", False), source, "eval_untrained"),
         checkpoint_dir=_absolute(raw.get("checkpoint_dir")),
         lockstep=_lockstep(raw.get("lockstep"), source),
+        teacher_cache=_teacher_cache(raw.get("teacher_cache"), source),
     )
     if experiment.eval_untrained and experiment.eval is None:
         raise UserError(f"{_where(source, 'eval_untrained')} needs an 'eval' section (what to score it on)")
@@ -337,6 +342,19 @@ def _teacher_sft(value: Any, source: Path) -> dict[str, Any] | None:
     return train
 
 
+def _teacher_cache(value: Any, source: Path) -> str | None:
+    """``true``: the default folder; a string: that folder (absolute); ``false``/absent: off."""
+    from ctkd_bench.teacher_cache import default_root
+
+    if value is None or value is False:
+        return None
+    if value is True:
+        return str(default_root())
+    if isinstance(value, str) and value.strip():
+        return _absolute(value)
+    raise UserError(f"{_where(source, 'teacher_cache')} must be true, false or a folder, not {value!r}")
+
+
 def _lockstep(value: Any, source: Path) -> int | None:
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
         raise UserError(
@@ -402,6 +420,7 @@ def request_for(jobs: list[dict[str, Any]], *, force: bool = False, progress: bo
         checkpoint_every=first["checkpoint_every"],
         checkpoint_dir=first.get("checkpoint_dir"),
         lockstep=first.get("lockstep"),
+        teacher_cache=first.get("teacher_cache"),
         keep_going=True,
     )
 

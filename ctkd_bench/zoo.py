@@ -665,6 +665,13 @@ def model_identity(spec: ModelSpec) -> str | dict[str, Any]:
     return spec.source
 
 
+def seeded_weights(spec: ModelSpec) -> bool:
+    """Whether ``load_model``'s weights depend on its seed (random test models, and models cut from one)."""
+    if spec.kind == "pruned" and spec.base is not None:
+        return seeded_weights(spec.base)
+    return spec.kind == "tiny"
+
+
 def model_info(spec: ModelSpec) -> dict[str, Any]:
     """What a run record says about a model."""
     info: dict[str, Any] = {"name": spec.name, "kind": spec.kind, "source": spec.source}

@@ -134,7 +134,9 @@ class ALM(Distiller):
     @classmethod
     def needs(cls, config) -> Needs:
         alignment = {"spans", "word_starts"} if config.debiased else {"spans"}
-        return Needs(teacher_hidden_states=True, alignment=frozenset(alignment), tokenizers="any")
+        return Needs(
+            teacher_hidden_states=True, teacher_layers={-1}, alignment=frozenset(alignment), tokenizers="any"
+        )
 
     def __init__(self, config, context) -> None:
         super().__init__(config, context)

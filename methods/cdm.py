@@ -310,7 +310,7 @@ class CDM(Distiller):
 
     @classmethod
     def needs(cls, config) -> Needs:
-        return Needs(teacher_hidden_states=True, tokenizers="cross")
+        return Needs(teacher_hidden_states=True, teacher_layers={-1}, tokenizers="cross")
 
     def forward(
         self, batch: DistillBatch, student: ModelOutputs, teacher: ModelOutputs | None

@@ -260,7 +260,9 @@ class DualSpaceKDWithCMA(Distiller):
                 "dskd: student_space and teacher_space are both off, so only the projectors would be "
                 "trained; turn one on"
             )
-        return Needs(teacher_hidden_states=True, student_hidden_states=True, tokenizers="any")
+        return Needs(
+            teacher_hidden_states=True, teacher_layers={-1}, student_hidden_states=True, tokenizers="any"
+        )
 
     def optimizer_groups(self, student_lr: float) -> list[dict[str, Any]]:
         # weight decay: the optimizer's (DSKD adds the group without its own, so it inherits 0.01 too)

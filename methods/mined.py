@@ -64,7 +64,12 @@ class MinED(Distiller):
 
     @classmethod
     def needs(cls, config) -> Needs:
-        return Needs(teacher_hidden_states=True, alignment=frozenset({"mined"}), tokenizers="cross")
+        return Needs(
+            teacher_hidden_states=True,
+            teacher_layers={-1},
+            alignment=frozenset({"mined"}),
+            tokenizers="cross",
+        )
 
     def forward(
         self, batch: DistillBatch, student: ModelOutputs, teacher: ModelOutputs | None

@@ -398,8 +398,14 @@ class SRA(Distiller):
         attention_weights = config.span_weighting == "attention" and (
             config.hidden_alignment or config.regularizer  # span_kd is not weighted
         )
+        # the teacher layers read: each pair's, and the final one for the span logits; attention layer l
+        # is attentions[l - 1] (-1: the last), of which only the last real query's row is read
+        layers = {t for t, _ in parse_layer_pairs(config.layers)} | ({-1} if config.span_logits else set())
         return Needs(
             teacher_hidden_states=True,
+            teacher_layers=layers,
+            teacher_attention_layers={t - 1 if t > 0 else t for t in layers},
+            teacher_attention_rows="last",
             student_hidden_states=True,
             teacher_attentions=attention_centres or attention_weights,
             student_attentions=attention_centres,
@@ -439,6 +445,10 @@ class SRA(Distiller):
             raise RuntimeError(
                 f"sra: the {who} returned {len(states)} hidden states, expected {count + 1} "
                 f"(embeddings + {count} layers, as its config says)"
+            )
+        if states[layer] is None:
+            raise RuntimeError(
+                f"sra read the {who}'s hidden states of layer {layer}, which Needs did not declare"
             )
         return states[layer]
 

@@ -52,6 +52,7 @@ class TokenKLD(Distiller):
     def needs(cls, config) -> Needs:
         return Needs(
             teacher_hidden_states=True,
+            teacher_layers={-1},
             alignment=frozenset({"token_pairs", "shared_vocab"}),
             tokenizers="cross",
         )
