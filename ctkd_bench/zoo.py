@@ -11,6 +11,10 @@ them can be depth-pruned with an ``@<N>L`` suffix:
   have the hub (a GPU machine). Offline, a model already in the local HF cache still loads.
 * **tiny aliases** (``tiny-gemma3``, ``tiny-smollm2``): random-weight models with the REAL tokenizers
   and small configs shaped like the real ones, for fast tests only.
+* **shape aliases** (``shape-llama2-7b``, ``shape-gpt2``): random-weight models of the REAL sizes of
+  Llama-2-7B and GPT-2 (configs written here, no download) with the offline tokenizers' vocabularies,
+  for timing on a GPU machine that has no hub (``results/gpu-check/``). Of the same kind as the tiny
+  ones (``"tiny"``); the teacher one is built directly in the dtype asked for (bf16: about 17 GB).
 * anything else: a local folder (``save_pretrained`` layout, e.g. from ``--save-model``) or a hub id.
 * ``NAME@<N>L`` (``smollm2-135m@20L``): NAME cut to N of its decoder layers, evenly spaced, first and
   last kept (the prune-then-distill setting of Minitron and Sheared-LLaMA; see :func:`kept_layers`).
@@ -115,6 +119,41 @@ TINY_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+# Shape models: random weights, REAL shapes, for the GPU check (results/gpu-check/gpu_check.py), which
+# times methods on a teacher and a student of the sizes the literature uses on a machine without a hub.
+# alias -> (package alias whose tokenizer it uses, model_type, config fields). The config is written here
+# in full (not the package model's config with overrides, as for the tiny aliases); the vocabulary size
+# is the tokenizer's, attached as for the tiny aliases, so the embedding and LM head have as many rows as
+# the offline tokenizer has tokens (Llama-2's own 32,000-token vocabulary is not available offline).
+SHAPE_MODELS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    # Llama-2-7B (meta-llama/Llama-2-7b-hf config.json) with the Gemma-3 tokenizer: 6.74e9 parameters
+    # at 32,000 tokens, about 8.62e9 with the 262,144 rows of Gemma-3's vocabulary in embedding and head.
+    "shape-llama2-7b": (
+        "gemma3-270m",
+        "llama",
+        dict(
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            hidden_act="silu",
+            rms_norm_eps=1e-5,
+            rope_theta=10000.0,
+            max_position_embeddings=4096,
+            tie_word_embeddings=False,
+        ),
+    ),
+    # GPT-2 small (openai-community/gpt2) with the SmolLM2 tokenizer: 124M parameters at 50,257 tokens,
+    # about 123.6M with SmolLM2's 49,152 (the LM head is tied to the token embeddings).
+    "shape-gpt2": (
+        "smollm2-135m",
+        "gpt2",
+        dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024, n_inner=None, tie_word_embeddings=True),
+    ),
+}
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """A resolved model name: what it is and where it comes from."""
@@ -139,7 +178,7 @@ def cache_dir() -> Path:
 
 
 def known_aliases() -> list[str]:
-    return sorted([*PACKAGE_MODELS, *TINY_MODELS, *HUB_ALIASES])
+    return sorted([*PACKAGE_MODELS, *TINY_MODELS, *SHAPE_MODELS, *HUB_ALIASES])
 
 
 _PRUNE_SUFFIX = re.compile(r"(\d+)[lL]")
@@ -161,7 +200,7 @@ def resolve(name: str) -> ModelSpec:
         return _resolve_pruned(name)
     if name in PACKAGE_MODELS:
         return ModelSpec(name, "package", name)
-    if name in TINY_MODELS:
+    if name in TINY_MODELS or name in SHAPE_MODELS:
         return ModelSpec(name, "tiny", name)
     if name in HUB_ALIASES:
         return ModelSpec(name, "hub", HUB_ALIASES[name])
@@ -347,12 +386,28 @@ def kept_layers(total: int, keep: int, *, name: str = "") -> list[int]:
     return [(2 * i * (total - 1) + (keep - 1)) // (2 * (keep - 1)) for i in range(keep)]
 
 
+def _tiny_base(alias: str) -> str:
+    """The package alias whose tokenizer a tiny or shape alias uses."""
+    return SHAPE_MODELS[alias][0] if alias in SHAPE_MODELS else TINY_MODELS[alias][0]
+
+
 def _tiny_config(alias: str) -> Any:
-    base_alias, overrides = TINY_MODELS[alias]
-    config = _package_config(base_alias)
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    config.vocab_size = len(load_tokenizer(ModelSpec(base_alias, "package", base_alias)))
+    if alias in SHAPE_MODELS:
+        from transformers import AutoConfig
+
+        base_alias, model_type, fields = SHAPE_MODELS[alias]
+        config = AutoConfig.for_model(model_type, **fields)
+    else:
+        base_alias, overrides = TINY_MODELS[alias]
+        config = _package_config(base_alias)
+        for key, value in overrides.items():
+            setattr(config, key, value)
+    tokenizer = load_tokenizer(ModelSpec(base_alias, "package", base_alias))
+    config.vocab_size = len(tokenizer)
+    if alias in SHAPE_MODELS:  # the family's default special ids (GPT-2's 50256) are not the tokenizer's
+        config.bos_token_id = tokenizer.bos_token_id
+        config.eos_token_id = tokenizer.eos_token_id
+        config.pad_token_id = tokenizer.pad_token_id
     return config
 
 
@@ -504,7 +559,7 @@ def load_tokenizer(spec: ModelSpec):
         except UserError as err:
             raise UserError(f"{spec.name}: {err}") from None
     if spec.kind in ("package", "tiny"):
-        alias = spec.source if spec.kind == "package" else TINY_MODELS[spec.source][0]
+        alias = spec.source if spec.kind == "package" else _tiny_base(spec.source)
         tokenizer = AutoTokenizer.from_pretrained(str(_package_tokenizer_dir(alias)))
     elif spec.kind == "local":
         tokenizer = AutoTokenizer.from_pretrained(spec.source)
@@ -523,16 +578,22 @@ def load_tokenizer(spec: ModelSpec):
     return tokenizer
 
 
-def build_tiny(alias: str, seed: int = 0):
-    """A random-weight model of the tiny alias, with the real tokenizer's vocabulary size."""
+def build_tiny(alias: str, seed: int = 0, dtype: str | None = None):
+    """A random-weight model of the tiny (or shape) alias, with the real tokenizer's vocabulary size.
+
+    ``dtype`` (``"bfloat16"``, ...): the weights are made in that dtype, never in fp32 first (a 7B model
+    in bf16 needs about 17 GB of memory instead of 35 GB; the random values differ from fp32's cast).
+    None: the default dtype (fp32).
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
     config = _tiny_config(alias)
+    kwargs = {} if dtype is None else {"dtype": getattr(torch, dtype)}
     fork = torch.random.fork_rng()
     with fork:
         torch.manual_seed(seed)
-        return AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config, **kwargs)
 
 
 def load_model(
@@ -551,7 +612,10 @@ def load_model(
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if spec.kind == "tiny":
-        model = build_tiny(spec.source, seed=seed).to(getattr(torch, dtype))
+        if spec.source in SHAPE_MODELS:  # real sizes: made in ``dtype`` directly (bf16 7B: ~17 GB)
+            model = build_tiny(spec.source, seed=seed, dtype=dtype)
+        else:  # made in fp32 and cast, as ever (the tests' random weights stay the same)
+            model = build_tiny(spec.source, seed=seed).to(getattr(torch, dtype))
         if attn_implementation:
             model.config._attn_implementation = attn_implementation
         return model
@@ -687,5 +751,7 @@ def model_info(spec: ModelSpec) -> dict[str, Any]:
         info["original"] = PACKAGE_MODELS[spec.source].hub_id
         info["weights"] = "GGUF de-quantized to fp32 (" + PACKAGE_MODELS[spec.source].gguf_name + ")"
     if spec.kind == "tiny":
-        info["weights"] = "random (tests only)"
+        info["weights"] = (
+            "random, real shape (GPU check)" if spec.source in SHAPE_MODELS else "random (tests only)"
+        )
     return info
