@@ -63,6 +63,7 @@ COLUMNS = [
     "eval_seeds",
     "eval_mode",
     "eval_limit",
+    "eval_limit_text",
     "eval_max_new_tokens",
     "eval_protocol_seeds",
     "eval_tasks",
@@ -500,6 +501,16 @@ def _limit(value: Any) -> Any:
     return value
 
 
+def _limit_text(value: Any) -> str | None:
+    """An eval limit as the report prints it: ``"100"``, ``"dolly all, selfinst 100"`` for per-set limits,
+    ``None`` when no set is capped."""
+    if isinstance(value, dict):
+        if all(v is None for v in value.values()):
+            return None
+        return ", ".join(f"{task} {'all' if cap is None else cap}" for task, cap in value.items())
+    return None if value is None else str(value)
+
+
 def _source(section: Any) -> str | None:
     return section.get("source") if isinstance(section, dict) else None
 
@@ -560,6 +571,7 @@ def _eval_fields(path: Path, record: dict[str, Any]) -> dict[str, Any]:
     return {
         "eval_mode": protocol.get("mode"),
         "eval_limit": _limit(protocol.get("limit")),
+        "eval_limit_text": _limit_text(protocol.get("limit")),
         "eval_max_new_tokens": protocol.get("max_new_tokens"),
         "eval_protocol_seeds": list(protocol["seeds"]) if protocol.get("seeds") is not None else None,
         "eval_tasks": list(protocol.get("tasks") or evaluation.get("tasks") or []) or None,

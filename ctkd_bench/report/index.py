@@ -165,7 +165,7 @@ def _protocols(report: Report) -> list[str]:
     counts: dict[tuple, int] = {}
     for info in infos(records[(records["status"] == "finished") & ~records["record"].isin(unused)]):
         seeds = tuple(info["eval_protocol_seeds"] or [])
-        key = (info["eval_mode"], info["eval_limit"], seeds, info["eval_max_new_tokens"])
+        key = (info["eval_mode"], info["eval_limit_text"], seeds, info["eval_max_new_tokens"])
         if key != (None, None, (), None):  # a record with an evaluation protocol
             counts[key] = counts.get(key, 0) + 1
     return [

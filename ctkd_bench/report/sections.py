@@ -194,7 +194,7 @@ def _protocol_warnings(report: Report) -> list[str]:
                 for info in (i for i in row.latest() if i["task"] is not None):
                     key = (
                         info["eval_mode"],
-                        info["eval_limit"],
+                        info["eval_limit_text"],
                         tuple(info["eval_seeds"]),
                         info["eval_max_new_tokens"],
                     )
