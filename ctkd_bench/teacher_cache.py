@@ -313,16 +313,16 @@ class TeacherCache:
         for layer in features.attention:
             name = f"{'a' if features.rows == 'all' else 'q'}{layer}"
             attentions[layer] = self._attention(keys, positions, name, length, device)
-        head = info.head
-        if head.weight.device != device:
-            head = LMHead(
-                head.weight.to(device),
-                None if head.bias is None else head.bias.to(device),
-                head.softcap,
-                head.logit_scale,
+        if info.head.weight.device != device:  # moved once, not at every batch
+            info.head = LMHead(
+                info.head.weight.to(device),
+                None if info.head.bias is None else info.head.bias.to(device),
+                info.head.softcap,
+                info.head.logit_scale,
             )
+            info.input_embeddings = info.input_embeddings.to(device)
+        head, embeddings = info.head, info.input_embeddings
         logits = head_logits(head, hidden[layers], vocab_size=info.vocab) if features.logits else None
-        embeddings = info.input_embeddings.to(device)
         return ModelOutputs(
             logits=logits,
             hidden_states=tuple(hidden) if features.hidden else None,
