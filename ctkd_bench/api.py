@@ -144,6 +144,19 @@ class ModelOutputs:
     input_embeddings: torch.Tensor | None = None
     output_embeddings: torch.Tensor | None = None
 
+    def head_at(
+        self, rows: torch.Tensor, pos: torch.Tensor, cols: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The logits at positions ``(rows, pos)`` (long ``[N]`` each): ``head`` applied to the last hidden
+        state there, float ``[N, V]``, or ``[N, R]`` for vocabulary rows ``cols`` (long ``[R]``). Equal to
+        ``logits[rows, pos]`` (``[..., cols]``) without building a ``[B, L, V]`` tensor; a method that reads
+        it declares ``teacher_hidden_states`` with ``teacher_layers={-1}``."""
+        if not self.hidden_states or self.hidden_states[-1] is None:
+            raise RuntimeError(
+                "head_at needs the last hidden state (Needs.teacher_layers={-1}); none was given"
+            )
+        return self.head(self.hidden_states[-1][rows, pos], cols)
+
 
 @dataclass
 class MethodContext:

@@ -41,13 +41,14 @@ def _student_uld_chunk(
 
 
 def uld_distance(
-    s_logits: torch.Tensor, t_logits: torch.Tensor, aligned: AlignedPositions, temperature: float
+    s_logits: torch.Tensor, teacher: ModelOutputs, aligned: AlignedPositions, temperature: float
 ) -> torch.Tensor:
     """Per aligned position ``Σ_i |sort(p_S)_i − sort(p_T)_i|`` (the smaller vocabulary zero-padded).
 
     Args:
         s_logits: float ``[B, L_S, V_S]`` (student, with gradient).
-        t_logits: float ``[B, L_T, V_T]`` (teacher; read in chunks, never differentiated).
+        teacher: the teacher's outputs; its logits are computed by :meth:`ModelOutputs.head_at` at the
+            aligned positions only, one chunk at a time, never differentiated.
         aligned: the batch's ``response_positions`` artifact
             (:func:`~ctkd_bench.alignment.positions.align_response_positions`).
         temperature: τ dividing both sides' logits.
@@ -57,7 +58,7 @@ def uld_distance(
         softmax and sort are recomputed in the backward pass (activation checkpointing), so that at most
         one chunk of ``V``-wide temporaries is alive at a time.
     """
-    v_s, v_t = s_logits.shape[-1], t_logits.shape[-1]
+    v_s, v_t = s_logits.shape[-1], teacher.vocab_size
     width = min(v_s, v_t)
     step = chunk_rows(max(v_s, v_t))
     s_rows = s_logits[aligned.rows, aligned.student_pos]  # [N, V_S], one copy; its backward is one scatter
@@ -66,7 +67,7 @@ def uld_distance(
         rows = aligned.rows[start : start + step]
         t_pos = aligned.teacher_pos[start : start + step]
         with torch.no_grad():
-            t_head, t_tail = sorted_head_and_tail(t_logits[rows, t_pos].detach(), temperature, width)
+            t_head, t_tail = sorted_head_and_tail(teacher.head_at(rows, t_pos).detach(), temperature, width)
         if s_chunk.requires_grad:
             out.append(
                 checkpoint(
@@ -108,7 +109,9 @@ class ULD(Distiller):
     of the larger vocabulary's sorted entries beyond ``min(V_S, V_T)`` (identical value), whose head is a
     partial sort (``topk``; the tail is the remaining mass). The teacher distribution is sorted in
     chunks of positions and the student's is recomputed in the backward pass (same values and
-    gradients, bounded memory with a 262k vocabulary). The paper's setup trains on
+    gradients, bounded memory with a 262k vocabulary), and the teacher's logits are computed by its LM
+    head from the last hidden state at the aligned positions only (the same values up to float rounding;
+    the 262k-row head is most of Gemma-3-270M's forward). The paper's setup trains on
     teacher-generated answers; here the response is the dataset's (the DSKD protocol).
     """
 
@@ -129,7 +132,12 @@ class ULD(Distiller):
 
     @classmethod
     def needs(cls, config) -> Needs:
-        return Needs(teacher_logits=True, alignment=frozenset({"response_positions"}), tokenizers="any")
+        return Needs(
+            teacher_hidden_states=True,
+            teacher_layers={-1},
+            alignment=frozenset({"response_positions"}),
+            tokenizers="any",
+        )
 
     def loss_weights(self) -> dict[str, float]:
         if self.config.original:
@@ -139,13 +147,13 @@ class ULD(Distiller):
     def forward(
         self, batch: DistillBatch, student: ModelOutputs, teacher: ModelOutputs | None
     ) -> dict[str, torch.Tensor]:
-        if teacher is None or teacher.logits is None:
-            raise RuntimeError("uld needs the teacher's full logits (Needs.teacher_logits); none were given")
+        if teacher is None:
+            raise RuntimeError("uld needs the teacher's outputs; none were given")
         if student.logits is None:
             raise RuntimeError("uld needs the student's logits; none were given")
         aligned: AlignedPositions = batch.artifact("response_positions")
         if aligned.rows.numel() == 0:
             return {"kd": zero_loss(student.logits)}
         with torch.autocast(student.logits.device.type, enabled=False):
-            distance = uld_distance(student.logits, teacher.logits, aligned, self.config.temperature)
+            distance = uld_distance(student.logits, teacher, aligned, self.config.temperature)
         return {"kd": distance.mean()}

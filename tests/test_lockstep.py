@@ -66,7 +66,7 @@ def teacher_forwards(monkeypatch):
 
 
 def test_lockstep_records_equal_those_of_runs_trained_one_at_a_time(tmp_path, tiny_request, teacher_forwards):
-    """sft (no teacher), uld (teacher logits) and sra (hidden states and attentions) step together: one
+    """sft (no teacher), uld (the last hidden state) and sra (hidden states and attentions) step together: one
     teacher forward per step computes the union, each method gets only what it asked for, and every logged
     value equals the one-at-a-time run's; same identities, hence the same record names."""
     methods = [MethodRun("sft"), MethodRun("uld"), MethodRun("sra")]
@@ -83,7 +83,7 @@ def test_lockstep_records_equal_those_of_runs_trained_one_at_a_time(tmp_path, ti
         teacher_forwards["received"]
         == received_alone
         == {
-            "uld": {(("attentions", False), ("hidden_states", False), ("logits", True))},
+            "uld": {(("attentions", False), ("hidden_states", True), ("logits", False))},
             "sra": {(("attentions", True), ("hidden_states", True), ("logits", False))},
         }
     )

@@ -55,10 +55,16 @@ def _method(name: str, **overrides):
     return cls(apply_overrides(cls.Config(), overrides, name), None)
 
 
+def _select(values: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    return values if rows is None else values[..., rows]
+
+
 def _outs(s_logits: torch.Tensor, t_logits: torch.Tensor) -> tuple[ModelOutputs, ModelOutputs]:
+    """The student's logits, and a teacher whose last hidden state *is* ``t_logits`` under an identity
+    head: the methods read the teacher only through ``head_at``, as in training (no full logits)."""
     return (
         ModelOutputs(s_logits, None, None, None, s_logits.shape[-1]),
-        ModelOutputs(t_logits, None, None, None, t_logits.shape[-1]),
+        ModelOutputs(None, (t_logits,), None, _select, t_logits.shape[-1]),
     )
 
 
@@ -199,7 +205,8 @@ def test_uld_weights_dskd_by_default_and_the_paper_when_original():
     assert _method("uld").loss_weights() == {"ce": 0.5, "kd": 0.5}
     assert _method("uld", original="true").loss_weights() == {"ce": 1.0, "kd": 1.5}
     needs = get_method("uld").needs(get_method("uld").Config())
-    assert needs.teacher_logits and needs.tokenizers == "any"
+    assert not needs.teacher_logits and needs.tokenizers == "any"
+    assert needs.teacher_hidden_states and needs.teacher_layers == {-1}  # the head runs at aligned rows
     assert needs.alignment == frozenset({"response_positions"})  # built per batch in collate
 
 
@@ -214,13 +221,43 @@ def test_a_batch_without_aligned_positions_gives_zero_terms_that_backpropagate(n
 
 
 @pytest.mark.parametrize("name", ["uld", "multilevel-ot"])
-def test_missing_teacher_logits_raise_a_clear_error(name):
+def test_a_missing_teacher_or_teacher_hidden_state_raises_a_clear_error(name):
     s_logits = torch.randn(3, 6, 4)
     student = ModelOutputs(s_logits, None, None, None, 4)
-    with pytest.raises(RuntimeError, match="teacher's full logits"):
+    with pytest.raises(RuntimeError, match=r"needs the last hidden state \(Needs.teacher_layers=\{-1\}\)"):
         _method(name)(_batch(S_LABELS, T_LABELS), student, ModelOutputs(None, None, None, None, 6))
-    with pytest.raises(RuntimeError, match="teacher's full logits"):
+    with pytest.raises(RuntimeError, match="needs the teacher's outputs"):
         _method(name)(_batch(S_LABELS, T_LABELS), student, None)
+
+
+@pytest.mark.parametrize("name", ["uld", "multilevel-ot"])
+def test_the_teacher_head_runs_only_at_response_positions_and_gives_the_full_logits_values(name):
+    """A real linear head over hidden states: the terms equal those of the full logits ``H @ W.T`` (the
+    identity-head teacher of ``_outs``), and the head only ever sees teacher response positions (ULD:
+    the aligned ones; MultiLevelOT: every response position, then the aligned ones for k columns)."""
+    torch.manual_seed(5)
+    s_logits, hidden, weight = torch.randn(3, 6, 4), torch.randn(3, 7, 5), torch.randn(9, 5)
+    seen: list[tuple[int, int | None]] = []
+
+    def head(h: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        seen.append((h.shape[0], None if rows is None else len(rows)))
+        assert h.dim() == 2, "the head gets [N, d] rows, never the [B, L, d] batch"
+        return h @ (weight if rows is None else weight[rows]).T
+
+    batch = _batch(S_LABELS, T_LABELS)
+    method = _method(name, **({"top_k": 3} if name == "multilevel-ot" else {}))
+    via_head = method(
+        batch, ModelOutputs(s_logits, None, None, None, 4), ModelOutputs(None, (hidden,), None, head, 9)
+    )
+    full = method(batch, *_outs(s_logits, hidden @ weight.T))
+    for key, value in full.items():
+        assert via_head[key].item() == pytest.approx(value.item(), rel=1e-6, abs=1e-7), key
+    aligned = batch.artifact("response_positions")
+    responses = int(aligned.teacher_valid.sum())
+    assert sum(n for n, cols in seen if cols is None) == (
+        responses if name == "multilevel-ot" else len(aligned.rows)
+    )
+    assert all(cols == 3 and n == len(aligned.rows) for n, cols in seen if cols is not None)
 
 
 @pytest.mark.parametrize("name", ["uld", "multilevel-ot"])

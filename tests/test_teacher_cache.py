@@ -68,7 +68,7 @@ def test_every_method_from_the_cache_equals_the_live_run_and_loads_no_teacher(
         assert "teacher_cache" not in a.record["cost"]
     features = {o.label: o.record["cost"]["teacher_cache"]["features"] for o in cached}
     assert features["token-kld"] == ["h2"]  # what each method declared, and no more
-    assert features["uld"] == ["h2", "logits (from h, head)"]
+    assert features["uld"] == ["h2"]  # its head runs on the stored last layer at aligned positions
     assert features["sra"] == ["h2", "q1"]
 
 
