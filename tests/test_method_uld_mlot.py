@@ -167,9 +167,12 @@ def test_uld_is_zero_for_identical_tokenizers_and_distributions(smol_tok):
     assert abs(_method("uld")(shifted, *_outs(s, t))["kd"].item()) < 1e-6
 
 
-def test_uld_chunking_and_checkpointing_change_neither_value_nor_gradient(monkeypatch):
+@pytest.mark.parametrize("v_s, v_t", [(4, 6), (6, 4)])  # the student's vocabulary smaller, then larger
+def test_uld_chunking_and_the_saved_sort_change_neither_value_nor_gradient(monkeypatch, v_s, v_t):
+    """Chunked, with SortedL1's hand-written backward: the value and gradient of autograd through the
+    plain zero-padded formula (full sorts), with and without a student tail beyond ``min(V_S, V_T)``."""
     torch.manual_seed(3)
-    base_s, t_logits = torch.randn(3, 6, 4) * 2, torch.randn(3, 7, 6) * 2
+    base_s, t_logits = torch.randn(3, 6, v_s) * 2, torch.randn(3, 7, v_t) * 2
     batch = _batch(S_LABELS, T_LABELS)
     results = []
     for elements in (1 << 24, 6, 13):  # one chunk; one position per chunk; two positions per chunk
@@ -185,12 +188,23 @@ def test_uld_chunking_and_checkpointing_change_neither_value_nor_gradient(monkey
     for b, sp, tp in pairs:
         ps = torch.softmax(s_logits[b, sp], -1).sort(descending=True).values
         pt = torch.softmax(t_logits[b, tp], -1).sort(descending=True).values
-        total = total + (torch.nn.functional.pad(ps, (0, 2)) - pt).abs().sum()
+        pad = torch.nn.functional.pad
+        total = total + (pad(ps, (0, max(v_t - v_s, 0))) - pad(pt, (0, max(v_s - v_t, 0)))).abs().sum()
     (total / len(pairs)).backward()
     for value, grad in results:
         assert value == pytest.approx(results[0][0], rel=1e-6)
         assert torch.allclose(grad, s_logits.grad, atol=1e-7)
     assert s_logits.grad[2].abs().sum() == 0 and s_logits.grad[0, 0].abs().sum() == 0  # not aligned
+
+
+@pytest.mark.parametrize("v, width", [(5, 5), (7, 4)])
+def test_sorted_l1_backward_passes_gradcheck(v, width):
+    from ctkd_bench.methods.uld import SortedL1
+
+    torch.manual_seed(6)
+    z = (torch.randn(3, v, dtype=torch.float64) * 2).requires_grad_()
+    t_head = torch.softmax(torch.randn(3, 9, dtype=torch.float64), -1).sort(descending=True).values[:, :width]
+    assert torch.autograd.gradcheck(lambda x: SortedL1.apply(x, t_head, 1.5, width), (z,))
 
 
 def test_uld_gradients_reach_the_student_never_the_teacher():
