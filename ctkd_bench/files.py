@@ -37,18 +37,27 @@ def atomic_temp(path: Path) -> tuple[int, str]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
-    mask = os.umask(0)
-    os.umask(mask)
-    os.fchmod(fd, 0o666 & ~mask)
+    os.fchmod(fd, default_mode())
     return fd, tmp
 
 
+def default_mode() -> int:
+    """The mode a plain ``open`` gives a new file: ``0o666`` minus the umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call ``write(temp_path)``, then move the temp file over ``path``; on any error the temp is removed."""
+    """Call ``write(temp_path)``, then move the temp file over ``path``; on any error the temp is removed.
+
+    The file gets :func:`default_mode` even when ``write`` recreates it (``safetensors`` writes files
+    readable by their owner only)."""
     fd, tmp = atomic_temp(Path(path))
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, default_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

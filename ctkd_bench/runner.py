@@ -1115,7 +1115,7 @@ def _micro_batch(request, accelerator, pc: PairContext, live: list[LockstepRun],
         if m.live:
             with m.turn(request, accelerator):
                 m.recipe.micro_step(
-                    step, m.batch, _restricted(teacher, m.recipe.needs, pc.teacher_layers), m.sums
+                    step, m.batch, restrict(teacher, m.recipe.needs, pc.teacher_layers), m.sums
                 )
         m.batch = None
 
@@ -1138,13 +1138,6 @@ def _union_needs(needs: list[Needs]) -> Needs:
         teacher_attention_layers=layers(attention, "teacher_attention_layers"),
         teacher_attention_rows="all" if any(n.teacher_attention_rows == "all" for n in attention) else "last",
     )
-
-
-def _restricted(outputs: ModelOutputs | None, needs: Needs, layers: int) -> ModelOutputs | None:
-    """The shared teacher outputs cut to what one method asked for: exactly what it gets alone."""
-    if outputs is None or not needs.teacher:
-        return None
-    return restrict(outputs, needs, layers)
 
 
 def _shared_teacher(request, accelerator, pc: PairContext, live: list[LockstepRun], union: Needs):

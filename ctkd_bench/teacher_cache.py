@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from ctkd_bench.api import ModelOutputs, Needs
 from ctkd_bench.data.batch import DistillBatch
@@ -120,11 +121,14 @@ def _resolve(indices: Iterable[int] | None, count: int) -> set[int]:
     return resolved
 
 
-def restrict(outputs: ModelOutputs, needs: Needs, layers: int) -> ModelOutputs:
+def restrict(outputs: ModelOutputs | None, needs: Needs, layers: int) -> ModelOutputs | None:
     """``outputs`` with the hidden states and attentions that ``needs`` did not declare set to ``None``
-    (live and cached runs then hand a method the same entries)."""
+    (live and cached runs then hand a method the same entries); ``None`` for a method without a teacher.
+    In lockstep, it cuts the group's shared forward to what one method gets alone."""
     from dataclasses import replace
 
+    if outputs is None or not needs.teacher:
+        return None
     hidden = outputs.hidden_states if needs.teacher_hidden_states else None
     if hidden is not None and needs.teacher_layers is not None:
         keep = _resolve(needs.teacher_layers, layers + 1)
@@ -145,16 +149,6 @@ def example_key(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> str:
     """The digest of one example's real teacher token ids (one row of a padded batch)."""
     ids = input_ids[attention_mask.bool()].to(torch.int64).cpu().numpy().tobytes()
     return hashlib.sha256(ids).hexdigest()[:32]
-
-
-def _save(tensors: dict[str, torch.Tensor], path: str) -> None:
-    """``safetensors`` writes files readable by their owner only; a shared cache needs the usual mode."""
-    from safetensors.torch import save_file
-
-    save_file(tensors, path)
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
 
 
 def store_identity(teacher_identity: Any, *, seed: int | None, dtype: str, device: str) -> dict:
@@ -217,7 +211,9 @@ class TeacherCache:
         }
         if spec.bias is not None:
             tensors["head.bias"] = spec.bias[:vocab].detach().contiguous().clone()
-        atomic_write(self.dir / "head.safetensors", partial(_save, {k: v.cpu() for k, v in tensors.items()}))
+        atomic_write(
+            self.dir / "head.safetensors", partial(save_file, {k: v.cpu() for k, v in tensors.items()})
+        )
         model.config.to_json_file(str(self.dir / "config.json"))  # before meta.json: has_teacher's mark
         meta = {
             "identity": self.identity,
@@ -379,7 +375,7 @@ class TeacherCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         pending = self._pending
         name = f"shard-{os.getpid()}-{uuid.uuid4().hex[:12]}.safetensors"
-        atomic_write(self.dir / name, partial(_save, pending))
+        atomic_write(self.dir / name, partial(save_file, pending))
         self._pending, self._pending_bytes = {}, 0
         self.refresh()
 

@@ -244,14 +244,20 @@ def test_records_of_schema_1_still_load_and_are_not_taken_for_the_new_identity()
 
 def test_caches_get_the_usual_file_permissions(tmp_path, smol_tok, gemma_tok):
     import os
+    from functools import partial
+
+    import torch
+    from safetensors.torch import save_file
 
     from ctkd_bench.alignment import shared_vocab
-    from ctkd_bench.files import write_lines_atomic
+    from ctkd_bench.files import atomic_write, write_lines_atomic
 
     mask = os.umask(0o022)
     try:
         shared_vocab(smol_tok, gemma_tok, cache_dir=tmp_path)
         write_lines_atomic(tmp_path / "data" / "rows.jsonl", ["{}\n"])  # the ShareGPT cache's writer
+        # the teacher-output cache's writer: safetensors recreates the temp file owner-only
+        atomic_write(tmp_path / "shard.safetensors", partial(save_file, {"h": torch.zeros(2)}))
         files = [p for p in tmp_path.rglob("*") if p.is_file()]
         assert files and all(p.stat().st_mode & 0o777 == 0o644 for p in files), [
             (p.name, oct(p.stat().st_mode)) for p in files
