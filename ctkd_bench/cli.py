@@ -970,7 +970,7 @@ def _request(args, methods):
 def _cmd_eval(args) -> int:
     from ctkd_bench import zoo
     from ctkd_bench.evaluation import format_table
-    from ctkd_bench.runner import resolve_device
+    from ctkd_bench.models import resolve_device
     from ctkd_bench.scoring import score_model
 
     config = _eval_config(args, args.tasks)

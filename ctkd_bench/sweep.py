@@ -467,7 +467,7 @@ def teacher_stage(
 def untrained_stage(experiment: Experiment, *, progress: bool = True, log=print) -> None:
     """Score each pair's student before any training (``eval_untrained``); finished records are kept."""
     from ctkd_bench import zoo
-    from ctkd_bench.runner import resolve_device
+    from ctkd_bench.models import resolve_device
     from ctkd_bench.scoring import score_model
 
     if not experiment.eval_untrained:

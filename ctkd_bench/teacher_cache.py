@@ -1,6 +1,6 @@
 """The teacher-output cache: each training example's teacher features, computed once and read back.
 
-Lockstep students (:mod:`ctkd_bench.runner`) share one teacher forward among the runs of one sweep that
+Lockstep students (:mod:`ctkd_bench.lockstep`) share one teacher forward among the runs of one sweep that
 read the same batches. This cache shares it with what lockstep cannot: other seeds (other batch orders),
 later epochs, later invocations, the other processes of a SLURM array. A run with ``--teacher-cache``
 reads every batch whose examples are all stored and runs the teacher only for the others, storing what it

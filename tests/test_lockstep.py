@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 import ctkd_bench.runner as runner
-from ctkd_bench import sweep
+from ctkd_bench import lockstep, pair, recipe, sweep
 from ctkd_bench.api import METHODS, Distiller, KDConfig, Needs
 from ctkd_bench.cli import main
 from ctkd_bench.runner import MethodRun, RunRequest, TrainConfig, run
@@ -43,7 +43,7 @@ def teacher_forwards(monkeypatch):
     from ctkd_bench.methods.uld import ULD
 
     seen = {"forwards": 0, "received": {}}
-    original = runner.teacher_forward
+    original = pair.teacher_forward
 
     def counting(*args, **kwargs):
         seen["forwards"] += 1
@@ -59,7 +59,7 @@ def teacher_forwards(monkeypatch):
 
         monkeypatch.setattr(cls, "forward", spy)
 
-    monkeypatch.setattr(runner, "teacher_forward", counting)
+    monkeypatch.setattr(pair, "teacher_forward", counting)  # pair_teacher looks it up there
     received(ULD)
     received(SRA)
     return seen
@@ -183,7 +183,7 @@ def test_a_killed_group_resumes_each_run_from_its_own_checkpoint(
     methods = [MethodRun("sft"), MethodRun("uld")]
     reference = run(tiny_request(methods, train=_train(4), results_dir=tmp_path / "reference", lockstep=1))
     request = tiny_request(methods, train=_train(4), results_dir=tmp_path / "resumed", checkpoint_every=2)
-    save, saves = runner.Checkpoint.save, []
+    save, saves = recipe.Checkpoint.save, []
 
     def save_then_die(self, state):
         save(self, state)
@@ -191,10 +191,10 @@ def test_a_killed_group_resumes_each_run_from_its_own_checkpoint(
         if len(saves) == kill_at_save:
             raise Killed
 
-    monkeypatch.setattr(runner.Checkpoint, "save", save_then_die)
+    monkeypatch.setattr(recipe.Checkpoint, "save", save_then_die)
     with pytest.raises(Killed):
         run(request, log=lambda *_: None)
-    monkeypatch.setattr(runner.Checkpoint, "save", save)
+    monkeypatch.setattr(recipe.Checkpoint, "save", save)
     lines: list[str] = []
     resumed = run(request, log=lines.append)
     groups = [line for line in lines if "step together from step" in line]
@@ -245,7 +245,7 @@ def test_a_kill_during_the_first_scoring_keeps_every_students_training(
 def test_a_group_releases_its_students_before_the_next_group(tiny_request, monkeypatch):
     students: list[weakref.ref] = []
     alive_at_start: list[bool] = []
-    finish, run_group = runner.StudentRecipe.finish, runner._run_group
+    finish, run_group = recipe.StudentRecipe.finish, lockstep._run_group
 
     def keep_ref(self, memory):
         result = finish(self, memory)
@@ -257,8 +257,8 @@ def test_a_group_releases_its_students_before_the_next_group(tiny_request, monke
         alive_at_start.append(any(ref() is not None for ref in students))
         return run_group(*args, **kwargs)
 
-    monkeypatch.setattr(runner.StudentRecipe, "finish", keep_ref)
-    monkeypatch.setattr(runner, "_run_group", spy)
+    monkeypatch.setattr(recipe.StudentRecipe, "finish", keep_ref)
+    monkeypatch.setattr(lockstep, "_run_group", spy)  # _execute_lockstep looks it up there
     methods = [MethodRun("sft"), MethodRun("sft", "b", {}), MethodRun("uld")]
     outcomes = run(tiny_request(methods, lockstep=2), log=lambda *_: None)
     assert [o.status for o in outcomes] == ["finished"] * 3

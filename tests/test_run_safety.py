@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ctkd_bench import runner
+from ctkd_bench import models, runner
 from ctkd_bench.evaluation import EvalConfig
 from ctkd_bench.runner import MethodRun
 
@@ -164,7 +164,7 @@ def test_a_kill_during_evaluation_keeps_the_training_and_the_rerun_only_scores(
 
 def test_a_non_finite_loss_keeps_its_step_terms_and_curve(tiny_request, monkeypatch):
     calls = {"n": 0}
-    real = runner.Trainee.forward
+    real = models.Trainee.forward
 
     def nan_at_step_2(self, batch, teacher):
         loss, terms = real(self, batch, teacher)
@@ -173,7 +173,7 @@ def test_a_non_finite_loss_keeps_its_step_terms_and_curve(tiny_request, monkeypa
             loss = loss * float("nan")
         return loss, terms
 
-    monkeypatch.setattr(runner.Trainee, "forward", nan_at_step_2)
+    monkeypatch.setattr(models.Trainee, "forward", nan_at_step_2)
     [outcome] = runner.run(tiny_request([MethodRun("sft")]), log=lambda *_: None)
     record = json.loads(outcome.path.read_text())
     assert record["status"] == "failed" and record["failure_step"] == 2
@@ -283,7 +283,7 @@ def test_checkpoints_may_live_outside_the_results_folder_and_a_rerun_resumes_fro
     request = tiny_request([MethodRun("sft")], checkpoint_every=1, checkpoint_dir=outside)
     request.train.steps = 3
     calls = {"n": 0}
-    real = runner.Trainee.forward
+    real = models.Trainee.forward
 
     def killed_at_step_3(self, batch, teacher):
         calls["n"] += 1
@@ -291,12 +291,12 @@ def test_checkpoints_may_live_outside_the_results_folder_and_a_rerun_resumes_fro
             raise Killed()
         return real(self, batch, teacher)
 
-    monkeypatch.setattr(runner.Trainee, "forward", killed_at_step_3)
+    monkeypatch.setattr(models.Trainee, "forward", killed_at_step_3)
     with pytest.raises(Killed):
         runner.run(request, log=lambda *_: None)
     assert [p.name.endswith(".pt") for p in outside.iterdir()] == [True]
     assert not (request.results_dir / ".checkpoints").exists()
-    monkeypatch.setattr(runner.Trainee, "forward", real)
+    monkeypatch.setattr(models.Trainee, "forward", real)
     [outcome] = runner.run(request, log=lambda *_: None)
     record = json.loads(outcome.path.read_text())
     assert record["status"] == "finished" and record["resumed_from_step"] == 2

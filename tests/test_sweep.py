@@ -142,7 +142,7 @@ def test_failed_runs_are_recorded_and_the_sweep_goes_on(tmp_path, shared_data, m
 
 
 def test_a_run_resumed_from_its_checkpoint_equals_an_uninterrupted_run(tmp_path, shared_data, monkeypatch):
-    from ctkd_bench import runner
+    from ctkd_bench import recipe
 
     steps = {"steps": 5, "batch_size": 2, "max_length": 64}
     (tmp_path / "a").mkdir()
@@ -153,7 +153,7 @@ def test_a_run_resumed_from_its_checkpoint_equals_an_uninterrupted_run(tmp_path,
     class Killed(BaseException):  # like a SIGKILL: nothing of the run is written after it
         pass
 
-    save = runner.Checkpoint.save
+    save = recipe.Checkpoint.save
 
     def save_then_die(self, state):
         save(self, state)
@@ -162,7 +162,7 @@ def test_a_run_resumed_from_its_checkpoint_equals_an_uninterrupted_run(tmp_path,
 
     (tmp_path / "b").mkdir()
     path = _experiment(tmp_path / "b", shared_data, methods=["token-kld"], train=steps, checkpoint_every=2)
-    monkeypatch.setattr(runner.Checkpoint, "save", save_then_die)
+    monkeypatch.setattr(recipe.Checkpoint, "save", save_then_die)
     with pytest.raises(Killed):
         main(["run", "--config", str(path), "--no-progress"])
     results = tmp_path / "b" / "results"
@@ -170,7 +170,7 @@ def test_a_run_resumed_from_its_checkpoint_equals_an_uninterrupted_run(tmp_path,
     [saved] = list((results / ".checkpoints").glob("*.pt"))
     assert torch.load(saved, weights_only=False)["step"] == 2
 
-    monkeypatch.setattr(runner.Checkpoint, "save", save)
+    monkeypatch.setattr(recipe.Checkpoint, "save", save)
     assert main(["run", "--config", str(path), "--no-progress"]) == 0
     [resumed] = _records(results).values()
     assert resumed["resumed_from_step"] == 2

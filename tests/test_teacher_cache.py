@@ -8,7 +8,7 @@ import torch
 from ctkd_bench.methods.sra import token_mass
 
 import ctkd_bench.runner as runner
-from ctkd_bench import sweep, zoo
+from ctkd_bench import models, sweep, zoo
 from ctkd_bench.api import ModelOutputs, Needs
 from ctkd_bench.data.batch import DistillBatch, SideBatch
 from ctkd_bench.runner import MethodRun, TrainConfig, run
@@ -102,7 +102,7 @@ def _batch(rows: list[list[int]]) -> DistillBatch:
 def _live(teacher, batch: DistillBatch) -> ModelOutputs:
     teacher.set_attn_implementation("eager")
     needs = Needs(teacher_hidden_states=True, teacher_attentions=True, teacher_logits=True)
-    return runner.teacher_forward(teacher, batch, needs, teacher.config.vocab_size)
+    return models.teacher_forward(teacher, batch, needs, teacher.config.vocab_size)
 
 
 @pytest.fixture

@@ -81,17 +81,17 @@ def test_same_seed_same_batches_same_losses(tmp_path, tiny_request):
 
 
 def test_the_teacher_gets_no_gradient_and_no_update(tiny_request, monkeypatch):
-    import ctkd_bench.runner as runner
+    import ctkd_bench.pair as pair
 
     seen = {}
-    original = runner.teacher_forward
+    original = pair.teacher_forward
 
     def spy(teacher, *args, **kwargs):
         seen.setdefault("before", {k: v.clone() for k, v in teacher.state_dict().items()})
         seen["teacher"] = teacher
         return original(teacher, *args, **kwargs)
 
-    monkeypatch.setattr(runner, "teacher_forward", spy)
+    monkeypatch.setattr(pair, "teacher_forward", spy)  # pair_teacher looks it up there
     run(tiny_request([MethodRun("token-kld")]))
     teacher = seen["teacher"]
     assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())

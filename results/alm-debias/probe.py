@@ -11,7 +11,7 @@ from ctkd_bench.api import MethodContext, get_method
 from ctkd_bench.data.batch import collate
 from ctkd_bench.data.encode import PairEncoder
 from ctkd_bench.data.sources import load_examples
-from ctkd_bench.runner import teacher_forward
+from ctkd_bench.models import teacher_forward
 
 t_spec, s_spec = zoo.parse_pair("gemma3-270m:smollm2-135m")
 s_tok, t_tok = zoo.load_tokenizer(s_spec), zoo.load_tokenizer(t_spec)

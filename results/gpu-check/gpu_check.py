@@ -6,7 +6,7 @@ the Gemma-3 tokenizer's 262,144-token vocabulary: 8.62e9 parameters) and the stu
 RANDOM weights (no hub on the GPU machine; the tokenizers are the repository's offline ones), so the
 numbers are costs, not quality. ``bench`` runs in this process, through the runner itself, as ``ctkd-bench
 bench --pair shape-llama2-7b:shape-gpt2 --device cuda`` would: on CUDA the runner's accelerator
-(``runner.make_accelerator``) trains under bf16 autocast (``mixed_precision="bf16"``), with the frozen
+(``models.make_accelerator``) trains under bf16 autocast (``mixed_precision="bf16"``), with the frozen
 teacher's weights in bf16 and the student's fp32 master weights. Per method it prints s/step, the
 student's real (non-pad) tokens per step and tokens/s, the peak GPU memory
 (``torch.cuda.max_memory_allocated``, reset per run by the runner) and the MFU of the student's step
@@ -177,18 +177,16 @@ def _watching():
     """Keep what bench's own functions return (its costs, the runner's training stream, its accelerator)
     by wrapping them for the duration; nothing they do changes."""
     from ctkd_bench import bench as bench_module
-    from ctkd_bench import runner
+    from ctkd_bench import pair, runner
 
     seen: dict[str, list] = {"measure": [], "training_stream": [], "make_accelerator": []}
     wrapped = []
-    for module, name in (
+    for module, name in (  # each where its caller looks it up: _prepare_pair, run
         (bench_module, "measure"),
-        (runner, "training_stream"),
+        (pair, "training_stream"),
         (runner, "make_accelerator"),
     ):
-        original = getattr(module, name, None)
-        if original is None:
-            continue
+        original = getattr(module, name)  # an AttributeError if the runner moved it: fix the target here
 
         def wrapper(*args, _original=original, _name=name, **kwargs):
             result = _original(*args, **kwargs)
