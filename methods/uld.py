@@ -43,9 +43,14 @@ def sorted_head_and_tail(logits: torch.Tensor, temperature: float, width: int) -
         ``V``, the L1 of the padded part is exactly ``tail``, so no padding tensor is built.
     """
     probs, head, _ = _sorted_probs(logits, temperature, width)
-    if width >= probs.shape[-1]:
-        return head, probs.new_zeros(probs.shape[0])
-    return head, (probs.sum(-1) - head.sum(-1)).clamp_min(0.0)
+    return head, _tail(probs, head)
+
+
+def _tail(probs: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+    """The mass of ``probs`` ``[N, V]`` beyond its sorted ``head`` ``[N, W]``: ``[N]``, 0 when ``W = V``."""
+    if head.shape[-1] >= probs.shape[-1]:
+        return probs.new_zeros(probs.shape[0])
+    return (probs.sum(-1) - head.sum(-1)).clamp_min(0.0)
 
 
 class SortedL1(torch.autograd.Function):
@@ -61,8 +66,7 @@ class SortedL1(torch.autograd.Function):
     def forward(ctx, z: torch.Tensor, t_head: torch.Tensor, temperature: float, width: int) -> torch.Tensor:
         probs, head, index = _sorted_probs(z, temperature, width)
         diff = head - t_head
-        has_tail = width < probs.shape[-1]
-        tail = (probs.sum(-1) - head.sum(-1)).clamp_min(0.0) if has_tail else probs.new_zeros(len(probs))
+        tail = _tail(probs, head)
         ctx.temperature = temperature
         ctx.save_for_backward(z, index.to(torch.int32), diff.sign().to(torch.int8), tail > 0)
         return diff.abs().sum(-1) + tail
