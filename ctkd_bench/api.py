@@ -57,6 +57,7 @@ __all__ = [
     "MethodContext",
     "ModelOutputs",
     "Needs",
+    "ResponseLogits",
     "SettingError",
     "SharedVocab",
     "SideBatch",
@@ -92,10 +93,17 @@ class Needs:
     ``None``; from the cache, the undeclared attention rows are NaN, so a method that reads them fails
     loudly instead of learning from zeros. Full ``teacher_logits`` are computed from the last hidden state
     and the teacher's head, so a method that needs them declares no layer for them.
+
+    ``teacher_response_logits``: the teacher's full-vocabulary logits at every position that predicts a
+    response token (:class:`ResponseLogits`), computed as part of the teacher's forward, once for a
+    lockstep group however many of its methods read them, and counted as teacher work. A method reads
+    them through :meth:`ModelOutputs.head_at` (which applies the head itself at any position they do not
+    cover), so it declares ``teacher_layers={-1}`` as well.
     """
 
     teacher: bool = True
     teacher_logits: bool = False  # full [B, L, V_T] teacher logits (expensive for a 262k vocabulary)
+    teacher_response_logits: bool = False  # [M, V_T] logits at the M positions that predict a response token
     teacher_hidden_states: bool = False  # all layers, HF convention ([0] embeddings, [-1] after final norm)
     teacher_attentions: bool = False  # needs eager attention
     student_hidden_states: bool = False
@@ -123,6 +131,44 @@ class Needs:
 
 
 @dataclass
+class ResponseLogits:
+    """A model's full-vocabulary logits at the positions that predict a response token.
+
+    ``index`` long ``[B, L]``: the row of ``values`` that holds ``logits[b, p]``, or -1 where position
+    ``p`` predicts no response token (``labels[b, p + 1] == IGNORE_INDEX``); ``values`` float ``[M, V]``.
+    Built by :meth:`at_response` from the last hidden state and the head in one product, so that the
+    methods of a lockstep group that all need the teacher's distribution there (ULD, MultiLevelOT, DSKD,
+    ALM) share one 262k-wide head instead of each applying it again.
+    """
+
+    index: torch.Tensor
+    values: torch.Tensor
+
+    @classmethod
+    def at_response(
+        cls, head: Callable[..., torch.Tensor], hidden: torch.Tensor, labels: torch.Tensor
+    ) -> ResponseLogits:
+        """``head`` applied to ``hidden`` (float ``[B, L, d]``) at every position ``p`` with
+        ``labels[:, p + 1] != IGNORE_INDEX`` (``labels`` long ``[B, L]``, unshifted)."""
+        predicts = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+        predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+        rows, pos = predicts.nonzero(as_tuple=True)
+        index = torch.full(labels.shape, -1, dtype=torch.long, device=labels.device)
+        index[rows, pos] = torch.arange(len(rows), device=labels.device)
+        return cls(index, head(hidden[rows, pos]))
+
+    def find(self, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Rows of ``values`` for positions ``(rows, pos)`` (long ``[N]`` each), -1 where not held."""
+        return self.index[rows, pos]
+
+    def take(self, found: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
+        """``values[found]`` (``found`` long ``[N]``, every entry held), or only vocabulary ``cols``."""
+        if cols is None:
+            return self.values[found]
+        return self.values[found[:, None], cols[None, :]]
+
+
+@dataclass
 class ModelOutputs:
     """One model's forward pass as a method sees it.
 
@@ -134,6 +180,8 @@ class ModelOutputs:
     is how methods avoid materializing a 262k-wide teacher distribution they do not need.
     ``input_embeddings`` / ``output_embeddings``: the embedding table and the LM head weight, both
     ``[V, d]`` cut to ``V = len(tokenizer)`` (the student's carry gradients; the teacher's never do).
+    ``response_logits``: the logits at the response positions when the method declared
+    ``Needs.teacher_response_logits`` (else ``None``); :meth:`head_at` reads them.
     """
 
     logits: torch.Tensor | None
@@ -143,6 +191,7 @@ class ModelOutputs:
     vocab_size: int
     input_embeddings: torch.Tensor | None = None
     output_embeddings: torch.Tensor | None = None
+    response_logits: ResponseLogits | None = None
 
     def head_at(
         self, rows: torch.Tensor, pos: torch.Tensor, cols: torch.Tensor | None = None
@@ -150,12 +199,24 @@ class ModelOutputs:
         """The logits at positions ``(rows, pos)`` (long ``[N]`` each): ``head`` applied to the last hidden
         state there, float ``[N, V]``, or ``[N, R]`` for vocabulary rows ``cols`` (long ``[R]``). Equal to
         ``logits[rows, pos]`` (``[..., cols]``) without building a ``[B, L, V]`` tensor; a method that reads
-        it declares ``teacher_hidden_states`` with ``teacher_layers={-1}``."""
+        it declares ``teacher_hidden_states`` with ``teacher_layers={-1}``. Positions that
+        :attr:`response_logits` holds are read from it (no head is applied); the head runs on the others."""
+        table = self.response_logits
+        found = table.find(rows, pos) if table is not None else None
+        if found is not None and bool((found >= 0).all()):
+            return table.take(found, cols)
         if not self.hidden_states or self.hidden_states[-1] is None:
             raise RuntimeError(
                 "head_at needs the last hidden state (Needs.teacher_layers={-1}); none was given"
             )
-        return self.head(self.hidden_states[-1][rows, pos], cols)
+        if found is None or not bool((found >= 0).any()):
+            return self.head(self.hidden_states[-1][rows, pos], cols)
+        held = found >= 0
+        computed = self.head(self.hidden_states[-1][rows[~held], pos[~held]], cols)
+        out = computed.new_empty(len(rows), computed.shape[-1])
+        out[~held] = computed
+        out[held] = table.take(found[held], cols).to(computed.dtype)
+        return out
 
 
 @dataclass

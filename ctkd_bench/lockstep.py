@@ -286,6 +286,7 @@ def _union_needs(needs: list[Needs]) -> Needs:
     return Needs(
         teacher=any(n.teacher for n in needs),
         teacher_logits=any(n.teacher_logits for n in needs),
+        teacher_response_logits=any(n.teacher_response_logits for n in needs),
         teacher_hidden_states=bool(hidden),
         teacher_attentions=bool(attention),
         teacher_layers=layers(hidden, "teacher_layers"),

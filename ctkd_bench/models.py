@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ctkd_bench.api import Distiller, ModelOutputs, Needs
+from ctkd_bench.api import Distiller, ModelOutputs, Needs, ResponseLogits
 from ctkd_bench.data.batch import DistillBatch
 from ctkd_bench.errors import UserError
 from ctkd_bench.losses import lm_head_logits, response_cross_entropy
@@ -72,14 +72,21 @@ def teacher_forward(teacher, batch: DistillBatch, needs: Needs, vocab: int) -> M
         out = teacher(
             input_ids=batch.teacher.input_ids,
             attention_mask=batch.teacher.attention_mask,
-            output_hidden_states=needs.teacher_hidden_states,
+            output_hidden_states=needs.teacher_hidden_states or needs.teacher_response_logits,
             output_attentions=needs.teacher_attentions,
             use_cache=False,
             **kwargs,
         )
-    if needs.teacher_attentions:
-        _check_attentions(out, "teacher")
-    return _outputs(teacher, out, vocab, with_logits=needs.teacher_logits)
+        if needs.teacher_attentions:
+            _check_attentions(out, "teacher")
+        outputs = _outputs(teacher, out, vocab, with_logits=needs.teacher_logits)
+        if needs.teacher_response_logits:  # part of the teacher's work: its head at the response positions
+            outputs.response_logits = ResponseLogits.at_response(
+                outputs.head, out.hidden_states[-1], batch.teacher.labels
+            )
+        if not needs.teacher_hidden_states:
+            outputs.hidden_states = None
+    return outputs
 
 
 def _outputs(model, out, vocab: int, with_logits: bool) -> ModelOutputs:

@@ -16,8 +16,9 @@ real (non-pad) tokens only, in the dtype the live forward produced:
 
 and once per store the teacher's LM head (weight, bias, soft-capping), its input-embedding table, its
 config and its embedding scale, so that ``head(hidden, rows)``, ``input_embeddings`` and the
-:class:`~ctkd_bench.api.MethodContext` are served without the model. Full logits are recomputed from
-``h<last>`` and the head (storing a 262k-wide distribution per position would cost gigabytes).
+:class:`~ctkd_bench.api.MethodContext` are served without the model. Full logits and the response logits
+(``Needs.teacher_response_logits``) are recomputed from ``h<last>`` and the head (storing a 262k-wide
+distribution per position would cost gigabytes).
 
 **Exact for stored tensors.** A stored feature is the live forward's own tensor. What differs from a live
 forward of the *current* batch is only the padding it was computed with (the example may have sat in
@@ -49,7 +50,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from ctkd_bench.api import ModelOutputs, Needs
+from ctkd_bench.api import ModelOutputs, Needs, ResponseLogits
 from ctkd_bench.data.batch import DistillBatch
 from ctkd_bench.files import atomic_write, write_text_atomic
 from ctkd_bench.losses import LMHead, head_logits
@@ -64,24 +65,29 @@ class Features:
 
     ``hidden``: ``hidden_states`` indices ``0..layers``; ``attention``: ``attentions`` indices
     ``0..layers-1``; ``rows``: ``"last"`` (only the last real query's row of each attention) or ``"all"``;
-    ``logits``: full logits, recomputed from ``hidden_states[layers]`` and the head.
+    ``logits``: full logits, recomputed from ``hidden_states[layers]`` and the head;
+    ``response_logits``: the logits at the response positions (:class:`~ctkd_bench.api.ResponseLogits`),
+    recomputed the same way.
     """
 
     hidden: frozenset[int] = frozenset()
     attention: frozenset[int] = frozenset()
     rows: str = "last"
     logits: bool = False
+    response_logits: bool = False
 
     @classmethod
     def of(cls, needs: Needs, layers: int) -> Features:
         if not needs.teacher:
             return cls()
         hidden = _resolve(needs.teacher_layers, layers + 1) if needs.teacher_hidden_states else set()
-        if needs.teacher_logits:
+        if needs.teacher_logits or needs.teacher_response_logits:
             hidden = hidden | {layers}
         attention = _resolve(needs.teacher_attention_layers, layers) if needs.teacher_attentions else set()
         rows = needs.teacher_attention_rows if attention else "last"
-        return cls(frozenset(hidden), frozenset(attention), rows, needs.teacher_logits)
+        return cls(
+            frozenset(hidden), frozenset(attention), rows, needs.teacher_logits, needs.teacher_response_logits
+        )
 
     def union(self, other: Features) -> Features:
         return Features(
@@ -89,6 +95,7 @@ class Features:
             self.attention | other.attention,
             "all" if "all" in (self.rows, other.rows) and (self.attention or other.attention) else "last",
             self.logits or other.logits,
+            self.response_logits or other.response_logits,
         )
 
     @property
@@ -140,6 +147,7 @@ def restrict(outputs: ModelOutputs | None, needs: Needs, layers: int) -> ModelOu
     return replace(
         outputs,
         logits=outputs.logits if needs.teacher_logits else None,
+        response_logits=outputs.response_logits if needs.teacher_response_logits else None,
         hidden_states=hidden,
         attentions=attentions,
     )
@@ -319,7 +327,7 @@ class TeacherCache:
             info.input_embeddings = info.input_embeddings.to(device)
         head, embeddings = info.head, info.input_embeddings
         logits = head_logits(head, hidden[layers], vocab_size=info.vocab) if features.logits else None
-        return ModelOutputs(
+        outputs = ModelOutputs(
             logits=logits,
             hidden_states=tuple(hidden) if features.hidden else None,
             attentions=tuple(attentions) if features.attention else None,
@@ -328,6 +336,9 @@ class TeacherCache:
             input_embeddings=embeddings,
             output_embeddings=head.weight,
         )
+        if features.response_logits:
+            outputs.response_logits = ResponseLogits.at_response(outputs.head, hidden[layers], side.labels)
+        return outputs
 
     def _attention(self, keys, positions, name: str, length: int, device) -> torch.Tensor:
         """One attention layer ``[B, H, L, L]``: the stored rows at the real positions; every other row NaN
@@ -383,5 +394,7 @@ class TeacherCache:
         """What a record says about the store it read from."""
         return {
             "store": self.dir.name,
-            "features": features.names() + (["logits (from h, head)"] if features.logits else []),
+            "features": features.names()
+            + (["logits (from h, head)"] if features.logits else [])
+            + (["response logits (from h, head)"] if features.response_logits else []),
         }

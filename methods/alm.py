@@ -78,10 +78,12 @@ class ALM(Distiller):
     Then d and the mean over (valid) groups as above. ``merge_by_space_prob=False, append_space=False``
     is the naive recipe (ablation ``naive``); ``no-merge`` keeps only ``append_space``.
 
-    The teacher's log-probabilities come from its last hidden states through its LM head, computed
-    only at the positions that predict a chunk token and :data:`TEACHER_ROWS_PER_CHUNK` rows at a time
-    (same values as full logits; the 262k-wide ``B x L x V`` tensor is never built). When the runner
-    happens to supply full teacher logits they are used directly.
+    The teacher's log-probabilities come from its logits at the response positions
+    (``Needs.teacher_response_logits``: its LM head applied in the teacher's forward, once for a lockstep
+    group; the head runs on any other position a chunk needs), read only at the positions that predict
+    a chunk token, :data:`TEACHER_ROWS_PER_CHUNK` rows at a time (same values as full logits; the
+    262k-wide ``B x L x V`` tensor is never built). When the runner happens to supply full teacher
+    logits they are used directly.
 
     Deviations: chunks come from character offsets over the response (the shared
     :mod:`ctkd_bench.alignment`) rather than tokenkit's byte-level token-string alignment over the whole
@@ -135,7 +137,11 @@ class ALM(Distiller):
     def needs(cls, config) -> Needs:
         alignment = {"spans", "word_starts"} if config.debiased else {"spans"}
         return Needs(
-            teacher_hidden_states=True, teacher_layers={-1}, alignment=frozenset(alignment), tokenizers="any"
+            teacher_hidden_states=True,
+            teacher_layers={-1},
+            teacher_response_logits=True,
+            alignment=frozenset(alignment),
+            tokenizers="any",
         )
 
     def __init__(self, config, context) -> None:
@@ -275,7 +281,7 @@ def teacher_token_logprobs(
     with ``word_starts`` (bool ``[V']``) the word-start log-probability of the *next* token at every chunk's
     last token ``end − 1`` (float32 ``[B, L_T]``, see :func:`word_start_logprob`; else ``None``).
 
-    From ``teacher.logits`` when given, else from ``teacher.head(hidden_states[-1][rows])`` applied
+    From ``teacher.logits`` when given, else from ``teacher.head_at(rows, positions)`` read
     :data:`TEACHER_ROWS_PER_CHUNK` positions at a time (full-vocabulary log-softmax, never ``B x L x V``);
     each needed row goes through the head once, for both quantities.
     """
@@ -302,7 +308,7 @@ def teacher_token_logprobs(
         if teacher.logits is not None:
             z = teacher.logits[rb[lo:hi], rr[lo:hi]].detach().float()
         else:
-            z = teacher.head(teacher.hidden_states[-1][rb[lo:hi], rr[lo:hi]].detach()).detach().float()
+            z = teacher.head_at(rb[lo:hi], rr[lo:hi]).detach().float()
         lps.append(z.gather(1, targets[lo:hi]).squeeze(1) - torch.logsumexp(z, dim=-1))
         if word_starts is not None:
             spaces.append(word_start_logprob(z, word_starts))

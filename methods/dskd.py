@@ -4,6 +4,7 @@ arXiv 2406.17328)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,7 +77,7 @@ class _ChunkedLinearForwardKL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, teacher_hidden, teacher_head, temperature, chunk_size):
+    def forward(ctx, hidden, weight, teacher_logits, temperature, chunk_size):
         # No autocast: the big products run in the weight's dtype (bf16 for a bf16 teacher), explicitly;
         # the softmaxes and the Σ_v p (log p − log q) sums stay in float32.
         with torch.autocast(device_type=hidden.device.type, enabled=False):
@@ -84,7 +85,7 @@ class _ChunkedLinearForwardKL(torch.autograd.Function):
             for start in range(0, hidden.shape[0], chunk_size):
                 chunk = slice(start, start + chunk_size)
                 # in-place steps on fresh [n, V_T] tensors: at most three of them are alive at once
-                t_logp = torch.log_softmax(teacher_head(teacher_hidden[chunk]).float().div_(temperature), -1)
+                t_logp = torch.log_softmax(teacher_logits(chunk).float() / temperature, -1)
                 s_logits = F.linear(hidden[chunk].to(weight.dtype) / temperature, weight).float()
                 s_logp = torch.log_softmax(s_logits, -1)
                 del s_logits
@@ -107,14 +108,13 @@ class _ChunkedLinearForwardKL(torch.autograd.Function):
     def backward(ctx, grad_rows):
         (grad_hidden,) = ctx.saved_tensors
         grad = (grad_hidden * grad_rows.float()[:, None]).to(ctx.hidden_dtype)
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None
 
 
 def chunked_forward_kl(
     hidden: torch.Tensor,
     weight: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    teacher_head,
+    teacher_logits: Callable[[slice], torch.Tensor],
     temperature: float,
     chunk_size: int = 128,
 ) -> torch.Tensor:
@@ -124,8 +124,8 @@ def chunked_forward_kl(
         hidden: float ``[N, d_T]`` (the s2t hidden states; receives the gradient).
         weight: ``[V_T, d_T]`` the teacher's LM-head weight (no gradient; the reference's plain
             ``s2t_hiddens @ lm_head.weight.detach()ᵀ``).
-        teacher_hidden: ``[N, d_T]`` the teacher's last hidden states (no gradient).
-        teacher_head: callable ``[n, d_T] -> [n, V_T]``, the teacher's own logits.
+        teacher_logits: callable ``slice -> [n, V_T]``, the teacher's own logits at those of the ``N``
+            positions (read without gradient).
         temperature: τ dividing both logits (no τ² factor).
         chunk_size: rows per chunk.
 
@@ -134,9 +134,7 @@ def chunked_forward_kl(
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    return _ChunkedLinearForwardKL.apply(
-        hidden, weight.detach(), teacher_hidden.detach(), teacher_head, temperature, chunk_size
-    )
+    return _ChunkedLinearForwardKL.apply(hidden, weight.detach(), teacher_logits, temperature, chunk_size)
 
 
 def _masked_std(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -200,8 +198,10 @@ class DualSpaceKDWithCMA(Distiller):
       nothing to attend to; the reference lets it attend uniformly to masked positions, here it is left
       out of the three sums (it still counts in N_S).
     * The s2t KL over the 262k teacher vocabulary is computed in chunks of positions with a fused
-      gradient (:func:`chunked_forward_kl`) from the teacher's last hidden states (the runner then does
-      not compute the full teacher logits); same values as the reference's full-tensor computation.
+      gradient (:func:`chunked_forward_kl`); the teacher's own logits there are its logits at the response
+      positions (``Needs.teacher_response_logits``: computed in the teacher's forward, shared by a lockstep
+      group), never the full ``[B, L, V_T]`` tensor; same values as the reference's full-tensor
+      computation, up to float rounding.
     * The attention block (projectors, scores, softmaxes, weighted sums) runs in float32 even under bf16
       autocast (the reference casts queries, keys and values to float32 as well).
     * ``student_space`` / ``teacher_space`` / ``correct_mask`` toggles exist for ablations only; the
@@ -261,7 +261,11 @@ class DualSpaceKDWithCMA(Distiller):
                 "trained; turn one on"
             )
         return Needs(
-            teacher_hidden_states=True, teacher_layers={-1}, student_hidden_states=True, tokenizers="any"
+            teacher_hidden_states=True,
+            teacher_layers={-1},
+            teacher_response_logits=config.teacher_space,
+            student_hidden_states=True,
+            tokenizers="any",
         )
 
     def optimizer_groups(self, student_lr: float) -> list[dict[str, Any]]:
@@ -360,11 +364,11 @@ class DualSpaceKDWithCMA(Distiller):
             terms["t2s_kd"] = per_position.sum() / n_student
             kd = kd + terms["t2s_kd"]
         if cfg.teacher_space:
+            rows, pos = t_rows.nonzero(as_tuple=True)
             per_position = chunked_forward_kl(
                 s2t_hidden,
                 teacher.output_embeddings,
-                t_hidden[t_rows],
-                teacher.head,
+                lambda chunk: teacher.head_at(rows[chunk], pos[chunk]).detach(),
                 cfg.temperature,
                 cfg.chunk_size,
             )  # [M]

@@ -110,9 +110,10 @@ def teacher_topk_probs(
     temperature: float,
     top_k: int,
 ) -> torch.Tensor:
-    """:func:`global_topk_probs` of the teacher at its response positions ``(rows, pos)``, its logits
-    computed by the LM head from the last hidden state one chunk at a time (:meth:`ModelOutputs.head_at`),
-    and at the aligned positions for the ``top_k`` entries only: no ``[B, L, V]`` tensor is built."""
+    """:func:`global_topk_probs` of the teacher at its response positions ``(rows, pos)``, its logits read
+    one chunk at a time through :meth:`ModelOutputs.head_at` (the response logits when the forward
+    computed them, else the LM head on the last hidden state), and at the aligned positions for the
+    ``top_k`` entries only: no ``[B, L, V]`` tensor is built."""
     step = chunk_rows(teacher.vocab_size)
     chunks = (teacher.head_at(rows[i : i + step], pos[i : i + step]) for i in range(0, len(rows), step))
     return global_topk_probs(
@@ -229,10 +230,10 @@ class MultiLevelOT(Distiller):
     target) and the Sinkhorn plan's rows are the student positions (the port's ``sinkhorn(student,
     teacher)``); the original passes both the other way round (``KL_wo(teacher, student)``,
     ``sinkorn_loss(teacher, student)``); (f) Sinkhorn runs batched over examples with masked padding
-    instead of a Python loop over examples (same values); (g) the teacher's logits are computed by its
-    LM head from the last hidden state at its response positions only, one chunk at a time, and at the
-    aligned positions for the top-k columns only (the same values up to float rounding; the 262k-row
-    head is most of Gemma-3-270M's forward). The original's greedy column matching
+    instead of a Python loop over examples (same values); (g) the teacher's logits are its logits at
+    its response positions only (``Needs.teacher_response_logits``: the LM head applied in the teacher's
+    forward, once for a lockstep group; never the full ``[B, L, V_T]`` tensor; the same values up to
+    float rounding). The original's greedy column matching
     (``f = 2``) is not provided.
     """
 
@@ -280,6 +281,7 @@ class MultiLevelOT(Distiller):
         return Needs(
             teacher_hidden_states=True,
             teacher_layers={-1},
+            teacher_response_logits=True,
             alignment=frozenset({"response_positions"}),
             tokenizers="any",
         )

@@ -90,8 +90,9 @@ def uld_distance(
 
     Args:
         s_logits: float ``[B, L_S, V_S]`` (student, with gradient).
-        teacher: the teacher's outputs; its logits are computed by :meth:`ModelOutputs.head_at` at the
-            aligned positions only, one chunk at a time, never differentiated.
+        teacher: the teacher's outputs; its logits at the aligned positions are read through
+            :meth:`ModelOutputs.head_at` (the response logits, or the head), one chunk at a time, never
+            differentiated.
         aligned: the batch's ``response_positions`` artifact
             (:func:`~ctkd_bench.alignment.positions.align_response_positions`).
         temperature: τ dividing both sides' logits.
@@ -146,9 +147,9 @@ class ULD(Distiller):
     partial sort (``topk``; the tail is the remaining mass). Both distributions are sorted in chunks
     of positions, and the student's gradient is computed from the saved sort indices (:class:`SortedL1`:
     the same values and gradients as autograd through the sort, bounded memory with a 262k vocabulary),
-    and the teacher's logits are computed by its LM
-    head from the last hidden state at the aligned positions only (the same values up to float rounding;
-    the 262k-row head is most of Gemma-3-270M's forward). The paper's setup trains on
+    and the teacher's logits are its logits at the response positions only
+    (``Needs.teacher_response_logits``: the LM head applied in the teacher's forward, once for a lockstep
+    group; never the full ``[B, L, V_T]`` tensor; the same values up to float rounding). The paper's setup trains on
     teacher-generated answers; here the response is the dataset's (the DSKD protocol).
     """
 
@@ -172,6 +173,7 @@ class ULD(Distiller):
         return Needs(
             teacher_hidden_states=True,
             teacher_layers={-1},
+            teacher_response_logits=True,
             alignment=frozenset({"response_positions"}),
             tokenizers="any",
         )

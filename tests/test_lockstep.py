@@ -53,7 +53,8 @@ def teacher_forwards(monkeypatch):
         forward = cls.forward
 
         def spy(self, batch, student, teacher):
-            got = {f: getattr(teacher, f) is not None for f in ("logits", "hidden_states", "attentions")}
+            fields = ("logits", "hidden_states", "attentions", "response_logits")
+            got = {f: getattr(teacher, f) is not None for f in fields}
             seen["received"].setdefault(self.name, set()).add(tuple(sorted(got.items())))
             return forward(self, batch, student, teacher)
 
@@ -66,9 +67,10 @@ def teacher_forwards(monkeypatch):
 
 
 def test_lockstep_records_equal_those_of_runs_trained_one_at_a_time(tmp_path, tiny_request, teacher_forwards):
-    """sft (no teacher), uld (the last hidden state) and sra (hidden states and attentions) step together: one
-    teacher forward per step computes the union, each method gets only what it asked for, and every logged
-    value equals the one-at-a-time run's; same identities, hence the same record names."""
+    """sft (no teacher), uld (the last hidden state, the response logits) and sra (hidden states and
+    attentions) step together: one teacher forward per step computes the union, each method gets only
+    what it asked for, and every logged value equals the one-at-a-time run's; same identities, hence the
+    same record names."""
     methods = [MethodRun("sft"), MethodRun("uld"), MethodRun("sra")]
     alone = run(tiny_request(methods, train=_train(3), results_dir=tmp_path / "alone", lockstep=1))
     forwards_alone, received_alone = teacher_forwards["forwards"], dict(teacher_forwards["received"])
@@ -83,8 +85,12 @@ def test_lockstep_records_equal_those_of_runs_trained_one_at_a_time(tmp_path, ti
         teacher_forwards["received"]
         == received_alone
         == {
-            "uld": {(("attentions", False), ("hidden_states", True), ("logits", False))},
-            "sra": {(("attentions", True), ("hidden_states", True), ("logits", False))},
+            "uld": {
+                (("attentions", False), ("hidden_states", True), ("logits", False), ("response_logits", True))
+            },
+            "sra": {
+                (("attentions", True), ("hidden_states", True), ("logits", False), ("response_logits", False))
+            },
         }
     )
     assert [o.path.name for o in together] == [o.path.name for o in alone]

@@ -458,7 +458,7 @@ def test_chunked_kl_equals_the_plain_kl_and_its_gradient(chunk_size):
     weight = torch.randn(11, 4, generator=g)
     teacher_hidden = torch.randn(5, 4, generator=g)
     hidden = torch.randn(5, 4, generator=g, requires_grad=True)
-    rows = chunked_forward_kl(hidden, weight, teacher_hidden, lambda h: h @ weight.T, 2.0, chunk_size)
+    rows = chunked_forward_kl(hidden, weight, lambda c: teacher_hidden[c] @ weight.T, 2.0, chunk_size)
     upstream = torch.arange(1.0, 6.0)
     (rows * upstream).sum().backward()
     for n in range(5):
@@ -478,22 +478,21 @@ def test_chunked_kl_passes_gradcheck_in_double_and_accepts_no_rows():
     teacher_hidden = torch.randn(4, 3, generator=g, dtype=torch.double)
     hidden = torch.randn(4, 3, generator=g, dtype=torch.double, requires_grad=True)
 
-    def head(h):
-        return h @ weight.T
+    def teacher_logits(chunk):
+        return teacher_hidden[chunk] @ weight.T
 
     def kl(h):  # the function keeps float32 internally; gradcheck on its float64 results is loose
-        return chunked_forward_kl(h, weight, teacher_hidden, head, 2.0, 3).double()
+        return chunked_forward_kl(h, weight, teacher_logits, 2.0, 3).double()
 
     assert torch.autograd.gradcheck(kl, (hidden,), eps=1e-3, atol=1e-4, rtol=1e-3)
-    empty = chunked_forward_kl(
-        torch.zeros(0, 3, requires_grad=True), weight, teacher_hidden[:0], head, 2.0, 3
-    )
+    empty = chunked_forward_kl(torch.zeros(0, 3, requires_grad=True), weight, teacher_logits, 2.0, 3)
     assert empty.shape == (0,)
 
 
 def test_needs_projectors_and_their_learning_rate():
     needs = DSKD.needs(DSKD.Config())
-    assert needs.teacher_hidden_states and needs.student_hidden_states
+    assert needs.teacher_hidden_states and needs.student_hidden_states and needs.teacher_response_logits
+    assert not DSKD.needs(DSKD.Config(teacher_space=False)).teacher_response_logits  # only s2t reads them
     assert not needs.teacher_logits and not needs.teacher_attentions and not needs.student_attentions
     assert needs.tokenizers == "any" and needs.alignment == frozenset()
     method = DSKD(DSKD.Config(), _context(d_s=576, d_t=640))

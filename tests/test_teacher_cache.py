@@ -68,7 +68,8 @@ def test_every_method_from_the_cache_equals_the_live_run_and_loads_no_teacher(
         assert "teacher_cache" not in a.record["cost"]
     features = {o.label: o.record["cost"]["teacher_cache"]["features"] for o in cached}
     assert features["token-kld"] == ["h2"]  # what each method declared, and no more
-    assert features["uld"] == ["h2"]  # its head runs on the stored last layer at aligned positions
+    # its response logits: the stored head on the stored last layer, at the response positions
+    assert features["uld"] == ["h2", "response logits (from h, head)"]
     assert features["sra"] == ["h2", "q1"]
 
 
