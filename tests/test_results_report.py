@@ -164,7 +164,9 @@ def folder(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("results")
     _write_run(root, _run_record("sft", uses_teacher=False, seconds=1.0), "sft")
     _write_run(root, _run_record("uld", seconds=2.5), "uld")
-    _write_run(root, _run_record("dskd", seconds=3.0), "dskd")
+    dskd = _run_record("dskd", seconds=3.0)
+    dskd["cost"]["peak_memory_scope"] = "lockstep group of 2"
+    _write_run(root, dskd, "dskd")
     full = {"loss": 1.5, "ce": 1.2, "reg": 0.3}
     _write_run(root, _run_record("sra", ablation="full", seconds=4.0, final=full), "sra")
     noreg = {"loss": 1.4, "ce": 1.4}
@@ -361,6 +363,8 @@ def test_ablation_and_cost_tables(out):
         "| SFT | 1.000 | – | 8000 | cuda_max_allocated | cuda | 5 | 4×256 | 1 | 350.0 |" in cost
     )  # no teacher
     assert "| SRA@no-regularizer | 3.500 |" in cost and "| token-kld | 2.000 |" in cost
+    # a peak measured for a lockstep group says so
+    assert "| DSKD | 3.000 | 1.000 | 8000 | cuda_max_allocated (lockstep group of 2) | cuda |" in cost
     labels = [line.split(" | ")[0][2:] for line in cost.splitlines() if line.startswith("| ")][1:]
     assert labels[0] == "SFT" and "MinED" not in labels
     assert (
@@ -370,6 +374,21 @@ def test_ablation_and_cost_tables(out):
     assert pd.read_csv(out[0] / "cost.csv")["seconds_per_step"].tolist() == pytest.approx(
         [1.0, 3.0, 4.0, 3.5, 2.0, 2.5]
     )
+
+
+def test_the_teachers_fine_tuning_record_is_named_as_such_not_as_superseded(tmp_path):
+    _write_run(tmp_path, _run_record("sft", uses_teacher=False), "sft")
+    finetune = _run_record("sft", uses_teacher=False)
+    finetune.update(role="teacher", config_hash="teacherft")
+    finetune["pair"] = {"teacher": None, "student": {"name": TEACHER}}
+    path = _write_run(tmp_path, finetune)
+    report.write_report(tmp_path, tmp_path / "report")
+    index = (tmp_path / "report" / "README.md").read_text(encoding="utf-8")
+    assert (
+        "- not in the tables (the teacher's fine-tuning run; the Teacher row reads the evaluation record of "
+        f"the model it made): `{path.name}`"
+    ) in index
+    assert "superseded" not in index
 
 
 def test_ablation_markdown_is_the_reports_ablation_table(folder, out):

@@ -98,7 +98,8 @@ def _write_ablations(report: Report, w: _Writer, formats: set[str]) -> None:
 
 COST_NOTE = (
     "s/step: mean training seconds per optimizer step over the runs (latest record per seed); teacher s/step: "
-    "the teacher's share (– when the method uses no teacher); peak MB and its kind as measured; batch × len: "
+    "the teacher's share (– when the method uses no teacher); peak MB and its kind as measured (a lockstep group's peak is that of the "
+    "whole group, whose students share one process and one teacher); batch × len: "
     "examples per step and maximum tokens per example (compare costs only within one shape); gen tok/s: "
     "generation throughput of the evaluation."
 )
@@ -183,11 +184,12 @@ def _problems(report: Report) -> list[str]:
     problems += [f"- {r['status']}: `{Path(r['record']).name}` ({r['label']})" for r in report.unfinished]
     problems += [f"- skipped: `{s.path}`: {s.reason}" for s in report.found.skipped]
     for r in report.unused:
-        why = (
-            "an eval of a model that is no pair's teacher"
-            if r["kind"] == "eval"
-            else "superseded by a newer record of the same method, pair, data and seed"
-        )
+        if r["kind"] == "eval":
+            why = "an eval of a model that is no pair's teacher"
+        elif r["role"] == "teacher":
+            why = "the teacher's fine-tuning run; the Teacher row reads the evaluation record of the model it made"
+        else:
+            why = "superseded by a newer record of the same method, pair, data and seed"
         problems.append(f"- not in the tables ({why}): `{Path(r['record']).name}`")
     return problems
 

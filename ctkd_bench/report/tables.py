@@ -277,6 +277,14 @@ def _joined(values: Iterable[Any]) -> str | None:
     return ", ".join(sorted({str(v) for v in values if v})) or None
 
 
+def _memory_kind(info: dict[str, Any]) -> str | None:
+    """What a peak holds: its kind, and the lockstep group it covers where it is not one run's alone."""
+    kind, scope = info["peak_memory_kind"], info["peak_memory_scope"]
+    if kind and scope and scope != "this run":
+        return f"{kind} ({scope})"
+    return kind
+
+
 def cost_values(row: Row) -> dict[str, Any]:
     infos = row.latest()
     uses_teacher = any(i["uses_teacher"] is not False for i in infos)
@@ -294,7 +302,7 @@ def cost_values(row: Row) -> dict[str, Any]:
         if uses_teacher
         else None,
         "peak_memory_mb": mean_of(i["peak_memory_mb"] for i in infos),
-        "peak_memory_kind": _joined(i["peak_memory_kind"] for i in infos),
+        "peak_memory_kind": _joined(_memory_kind(i) for i in infos),
         "device": _joined(i["device"] for i in infos),
         "steps": ", ".join(str(s) for s in steps) or None,
         "batch": ", ".join(sorted(set(shapes))) or None,
