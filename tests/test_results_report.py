@@ -376,6 +376,54 @@ def test_ablation_and_cost_tables(out):
     )
 
 
+def test_the_readme_says_what_the_numbers_show_from_the_tables(out):
+    index = _read(out, "README.md")
+    assert index.index("## What the numbers say") < index.index("## Files")
+    assert "- **Teacher**: 28.50 on Avg., +14.00 over SFT (Dolly +15.00, Vicuna +13.00)." in index
+    assert "- **Against SFT on Avg.** (SFT 14.50, 1 training seed; differences in points):" in index
+    # sorted by Avg., each with its difference from SFT and its p (0 of 1000 resamples: p < 0.001)
+    assert (
+        "  - significantly better: SRA (+9.00, p < 0.001), DSKD (+8.90, p < 0.001), ULD (+4.00, p < 0.001);"
+        in index
+    )
+    assert "  - above SFT, not significantly: none;" in index and "  - significantly worse: none." in index
+    assert (
+        "- **Per set, significantly better than SFT**: Dolly: SRA, DSKD, ULD; Vicuna: SRA, DSKD, ULD."
+        in index
+    )
+    # the table's daggers: DSKD is indistinguishable from SRA, ULD and SFT are worse
+    assert (
+        "- **Reference** (the best on Avg.): SRA (23.50 on Avg.); not significantly worse than it: DSKD; "
+        "significantly worse (†): SFT, ULD." in index
+    )
+    assert "- **Not compared** (no Avg. in their records): token-kld." in index  # trained, never scored
+    assert (
+        "- **Ablations of sra** (Avg. against full 23.50, 1 training seed; the largest loss first): " in index
+    )
+    assert "no-regularizer -1.50 (p < 0.001, two-sided) (significant)." in index
+    tidy = pd.read_csv(out[0] / "ablations.csv")
+    p = tidy[(tidy["ablation"] == "no-regularizer") & (tidy["quantity"] == "average")]["p_vs_full"]
+    assert p.tolist() == [0.0]
+    assert tidy[tidy["ablation"] == "full"]["p_vs_full"].isna().all()
+
+
+def test_a_method_below_sft_is_named_significantly_worse(tmp_path):
+    """SFT scored like `uld` of the fixture, a method scored like its SFT: 4 points worse on every set."""
+    _write_run(tmp_path, _run_record("sft", uses_teacher=False), "uld")
+    _write_run(tmp_path, _run_record("mined"), "sft")
+    _write_run(tmp_path, _run_record("dskd"), "uld")  # the same scores as SFT: no difference at all
+    report.write_report(tmp_path, tmp_path / "report")
+    index = (tmp_path / "report" / "README.md").read_text(encoding="utf-8")
+    assert "  - significantly better: none;" in index
+    assert "  - at or below SFT, not significantly: DSKD (+0.00, p = 1.000);" in index
+    assert "  - significantly worse: MinED (-4.00, p < 0.001)." in index
+    assert "- **Per set, significantly worse than SFT**: Dolly: MinED; Vicuna: MinED." in index
+    table = pd.read_csv(tmp_path / "report" / "table.csv")
+    mined = table[(table["method"] == "mined") & (table["task"] == "average")].iloc[0]
+    assert mined["p_below_sft"] == 0.0 and bool(mined["significantly_worse_than_sft"])
+    assert mined["p_vs_sft"] == 1.0 and not bool(mined["significantly_better_than_sft"])
+
+
 def test_the_teachers_fine_tuning_record_is_named_as_such_not_as_superseded(tmp_path):
     _write_run(tmp_path, _run_record("sft", uses_teacher=False), "sft")
     finetune = _run_record("sft", uses_teacher=False)

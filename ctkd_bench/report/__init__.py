@@ -2,7 +2,7 @@
 
 Every number comes from one frame, :func:`ctkd_bench.results.to_frame` of the records, cut into sections
 (:mod:`.sections`, the model in :mod:`.frame`), tested (:mod:`.stats`), rendered (:mod:`.tables`,
-:mod:`.figures`) and written with its index (:mod:`.index`). What it writes (see :func:`write_report`):
+:mod:`.figures`, :mod:`.findings`) and written with its index (:mod:`.index`). What it writes (see :func:`write_report`):
 
 * the main table (``table.md/.tex/.csv``; ``table__<pair>.tex/.csv`` per pair when there are several):
   rows are the Teacher (an ``eval`` record of the pair's teacher), SFT and the other methods (finished
@@ -17,9 +17,13 @@ Every number comes from one frame, :func:`ctkd_bench.results.to_frame` of the re
   seeds (and over training seeds), and ``Avg.`` resamples within each set and averages the sets. Without
   a samples file it falls back to a paired bootstrap over the per-seed scores both rows share. Each test
   draws from its own ``numpy.random.default_rng(seed)``, so a p-value does not depend on the others.
-* ablation tables (``ablations.*``; :func:`ablation_markdown` gives one method's as text), a cost table
-  (``cost.*``), figures (``scores``, ``cost_vs_score``, ``loss_curves`` as PNG and PDF) and
-  ``README.md``, the index (always written).
+  A double dagger marks a cell significantly better than SFT (the same test, SFT the other side); the
+  CSV also holds the opposite test (``p_below_sft``: is SFT better?), which no mark shows.
+* ablation tables (``ablations.*``; :func:`ablation_markdown` gives one method's as text; the CSV holds
+  each cell's two-sided p against ``full``), a cost table (``cost.*``), figures (``scores``,
+  ``cost_vs_score``, ``loss_curves`` as PNG and PDF) and ``README.md``, the index (always written),
+  which opens with "What the numbers say" (:mod:`.findings`): the teacher's margin, every method
+  against SFT, the reference and the ablations ranked, in words written from these cells and p-values.
 """
 
 from ctkd_bench.report.figures import cost_score_figure, loss_figure, scores_figure

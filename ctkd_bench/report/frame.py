@@ -98,6 +98,9 @@ class Cell:
     worse: bool = False
     p_vs_sft: float | None = None  # one-sided p that this row is not better than SFT
     better_than_sft: bool = False
+    p_below_sft: float | None = None  # one-sided p that SFT is not better than this row
+    worse_than_sft: bool = False
+    p_vs_full: float | None = None  # ablation rows: two-sided p of the difference from the "full" row
 
     def interval(self) -> tuple[float, float] | tuple[None, None]:
         """95% confidence interval of the mean over training runs (Student t); None for one run."""

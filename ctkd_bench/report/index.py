@@ -10,6 +10,7 @@ import pandas as pd
 from ctkd_bench import results
 from ctkd_bench.errors import UserError
 from ctkd_bench.report import figures, tables
+from ctkd_bench.report.findings import findings_markdown
 from ctkd_bench.report.frame import Report, Section, infos
 from ctkd_bench.report.sections import build_report, slug
 from ctkd_bench.report.stats import ALPHA
@@ -203,6 +204,9 @@ def _readme(report: Report, w: _Writer, results_dir: Path) -> str:
         f"{finished - len(report.unused)} used in the tables. Metric: {report.metric}. Significance: one-sided "
         f"paired bootstrap, {report.bootstrap} resamples, seed {report.seed}, p < {ALPHA}."
     )
+    findings = findings_markdown(report)
+    if findings:
+        lines += ["", *findings]
     lines += ["", "## Files", ""]
     lines += [f"- `{path.name}`: {what}" for path, what in w.index]
     lines.append("- `README.md`: this index")

@@ -23,7 +23,7 @@ from ctkd_bench.report.frame import (
     newest_first,
     py,
 )
-from ctkd_bench.report.stats import Samples, choose_reference, significance
+from ctkd_bench.report.stats import Samples, ablation_significance, choose_reference, significance
 
 
 def slug(text: str) -> str:
@@ -279,6 +279,7 @@ def build_report(
     for section in sections:
         choose_reference(section, baseline)
         significance(section, report, samples)
+        ablation_significance(section, report, samples)
     used = _used_records(report)
     report.unused = infos(records[(status == "finished") & ~records["record"].isin(used)])
     report.warnings = _protocol_warnings(report)

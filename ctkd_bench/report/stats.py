@@ -154,7 +154,8 @@ def _shared_average(a: Row, b: Row) -> list[str]:
 
 
 def significance(section: Section, report: Report, samples: Samples) -> None:
-    """† (worse than the reference) and ‡ (better than SFT) on each student cell, one-sided tests."""
+    """† (worse than the reference) and ‡ (better than SFT) on each student cell, one-sided tests; and
+    the other side against SFT (``p_below_sft``: is SFT better?), which the tables do not mark."""
     rows = {row.label: row for row in section.main.rows if row.is_student}
     reference, sft = rows.get(section.reference or ""), rows.get("sft")
     for row in rows.values():
@@ -172,3 +173,25 @@ def significance(section: Section, report: Report, samples: Samples) -> None:
                     # the row as the "reference": p that it is not better than SFT
                     cell.p_vs_sft, _, _ = _test(row, sft, column, report, samples, average_tasks)
                     cell.better_than_sft = cell.p_vs_sft is not None and cell.p_vs_sft < ALPHA
+                    cell.p_below_sft, _, _ = _test(sft, row, column, report, samples, average_tasks)
+                    cell.worse_than_sft = cell.p_below_sft is not None and cell.p_below_sft < ALPHA
+
+
+def ablation_significance(section: Section, report: Report, samples: Samples) -> None:
+    """Each ablation cell against the ``full`` row of its table: the two-sided p of the paired bootstrap
+    (twice the smaller one-sided p, at most 1), since an ablation may help as well as hurt."""
+    for table in section.ablations.values():
+        full = next((row for row in table.rows if row.label == "full"), None)
+        if full is None:
+            continue
+        for row in (r for r in table.rows if r is not full):
+            for column, cell in row.cells.items():
+                if column not in full.cells:
+                    continue
+                average_tasks = _shared_average(row, full) if column == AVG else []
+                if column == AVG and not average_tasks:
+                    continue
+                below, _, _ = _test(full, row, column, report, samples, average_tasks)
+                above, _, _ = _test(row, full, column, report, samples, average_tasks)
+                if below is not None and above is not None:
+                    cell.p_vs_full = min(1.0, 2 * min(below, above))

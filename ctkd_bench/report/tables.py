@@ -172,6 +172,8 @@ def main_csv(section: Section, report: Report) -> pd.DataFrame:
                     "significantly_worse": cell.worse,
                     "p_vs_sft": cell.p_vs_sft,
                     "significantly_better_than_sft": cell.better_than_sft,
+                    "p_below_sft": cell.p_below_sft,
+                    "significantly_worse_than_sft": cell.worse_than_sft,
                 }
             )
     frame = pd.DataFrame(out)
@@ -221,12 +223,14 @@ def ablation_tidy(section: Section, method: str, table: Table, metric: str) -> l
         for column in table.columns:
             if (cell := row.cells.get(column)) is not None:
                 quantity = {"quantity": column, "metric": metric, "mean": cell.mean, "std": cell.std}
-                tidy.append({**base, **quantity, "runs": cell.runs, "best": cell.best})
+                tidy.append(
+                    {**base, **quantity, "runs": cell.runs, "best": cell.best, "p_vs_full": cell.p_vs_full}
+                )
         for term in table.loss_terms:
             value = loss_value(row, term)
             if value is not None:
                 quantity = {"quantity": f"loss:{term}", "metric": "final loss", "mean": value, "std": None}
-                tidy.append({**base, **quantity, "runs": len(row.latest()), "best": None})
+                tidy.append({**base, **quantity, "runs": len(row.latest()), "best": None, "p_vs_full": None})
     return tidy
 
 
