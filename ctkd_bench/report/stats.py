@@ -19,7 +19,15 @@ MIN_PAIRED = 3  # fewer paired examples (or seeds) than this: no test
 def paired_bootstrap(
     diffs: Sequence[np.ndarray] | np.ndarray, *, resamples: int = 1000, rng: np.random.Generator | int = 0
 ) -> float:
-    """One-sided p-value that the reference is *not* better: share of resamples with mean diff <= 0.
+    """One-sided p-value that the reference is *not* better: share of resamples with mean diff <= 0
+    (of :func:`bootstrap_means`)."""
+    return float(np.mean(bootstrap_means(diffs, resamples=resamples, rng=rng) <= 0))
+
+
+def bootstrap_means(
+    diffs: Sequence[np.ndarray] | np.ndarray, *, resamples: int = 1000, rng: np.random.Generator | int = 0
+) -> np.ndarray:
+    """The paired bootstrap's distribution of the mean difference, ``[resamples]``.
 
     ``diffs``: reference minus method, one array per stratum (a set) or one array. Each resample draws
     ``len(d)`` indices with replacement per stratum (strata in order, all resamples of a stratum at once:
@@ -46,8 +54,7 @@ def paired_bootstrap(
         for start in range(0, resamples, chunk):
             stop = min(resamples, start + chunk)
             means[start:stop] += d[generator.integers(0, d.size, size=(stop - start, d.size))].mean(axis=1)
-    means /= len(strata)
-    return float(np.mean(means <= 0))
+    return means / len(strata)
 
 
 class Samples:
@@ -89,10 +96,17 @@ def _seed_scores(row: Row, task: str, by_run: bool) -> dict[Any, float]:
     return {((p["seed"], p["eval_seeds"]) if by_run else p["eval_seeds"]): float(p["scores"]) for p in pairs}
 
 
+def _tails(diffs: list[np.ndarray], report: Report) -> tuple[float, float]:
+    """Both one-sided p-values of one bootstrap: (reference not better, reference not worse)."""
+    means = bootstrap_means(diffs, resamples=report.bootstrap, rng=np.random.default_rng(report.seed))
+    return float(np.mean(means <= 0)), float(np.mean(means >= 0))
+
+
 def _test(
     reference: Row, row: Row, task: str, report: Report, samples: Samples, average_tasks: list[str]
-) -> tuple[float | None, str | None, int | None]:
-    """(p, test kind, paired units) of ``reference`` vs ``row`` on one column."""
+) -> tuple[float | None, float | None, str | None, int | None]:
+    """(p that ``reference`` is not better than ``row``, p that it is not worse, test kind, paired units)
+    on one column; both p-values from the same resamples."""
     tasks = average_tasks if task == AVG else [task]
     diffs = []
     for name in tasks:
@@ -104,17 +118,15 @@ def _test(
         if ref.size:
             diffs.append(ref.to_numpy() - own.to_numpy())
     if diffs and sum(d.size for d in diffs) >= MIN_PAIRED and len(diffs) == len(tasks):
-        p = paired_bootstrap(diffs, resamples=report.bootstrap, rng=np.random.default_rng(report.seed))
-        return p, "examples", sum(d.size for d in diffs)
+        return *_tails(diffs, report), "examples", sum(d.size for d in diffs)
     # one run each: pair by eval seed; several training runs on a side: by (training seed, eval seed)
     by_run = len(reference.task_runs(task)) > 1 or len(row.task_runs(task)) > 1
     ref_seeds, own_seeds = _seed_scores(reference, task, by_run), _seed_scores(row, task, by_run)
     shared = sorted(set(ref_seeds) & set(own_seeds), key=str)
     if len(shared) < MIN_PAIRED:
-        return None, None, len(shared) or None
+        return None, None, None, len(shared) or None
     d = np.array([ref_seeds[k] - own_seeds[k] for k in shared])
-    p = paired_bootstrap([d], resamples=report.bootstrap, rng=np.random.default_rng(report.seed))
-    return p, "seeds", len(shared)
+    return *_tails([d], report), "seeds", len(shared)
 
 
 def choose_reference(section: Section, baseline: str | None) -> None:
@@ -163,17 +175,18 @@ def significance(section: Section, report: Report, samples: Samples) -> None:
             if reference is not None and row is not reference and column in reference.cells:
                 average_tasks = _shared_average(row, reference) if column == AVG else []
                 if column != AVG or average_tasks:
-                    cell.p_value, cell.test, cell.n_paired = _test(
+                    cell.p_value, _, cell.test, cell.n_paired = _test(
                         reference, row, column, report, samples, average_tasks
                     )
                     cell.worse = cell.p_value is not None and cell.p_value < ALPHA
             if sft is not None and row is not sft and column in sft.cells:
                 average_tasks = _shared_average(row, sft) if column == AVG else []
                 if column != AVG or average_tasks:
-                    # the row as the "reference": p that it is not better than SFT
-                    cell.p_vs_sft, _, _ = _test(row, sft, column, report, samples, average_tasks)
+                    # the row as the "reference": p that it is not better than SFT, and not worse
+                    cell.p_vs_sft, cell.p_below_sft, _, _ = _test(
+                        row, sft, column, report, samples, average_tasks
+                    )
                     cell.better_than_sft = cell.p_vs_sft is not None and cell.p_vs_sft < ALPHA
-                    cell.p_below_sft, _, _ = _test(sft, row, column, report, samples, average_tasks)
                     cell.worse_than_sft = cell.p_below_sft is not None and cell.p_below_sft < ALPHA
 
 
@@ -191,7 +204,6 @@ def ablation_significance(section: Section, report: Report, samples: Samples) ->
                 average_tasks = _shared_average(row, full) if column == AVG else []
                 if column == AVG and not average_tasks:
                     continue
-                below, _, _ = _test(full, row, column, report, samples, average_tasks)
-                above, _, _ = _test(row, full, column, report, samples, average_tasks)
-                if below is not None and above is not None:
+                below, above, _, _ = _test(full, row, column, report, samples, average_tasks)
+                if below is not None:
                     cell.p_vs_full = min(1.0, 2 * min(below, above))
