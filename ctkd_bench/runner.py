@@ -36,6 +36,7 @@ the execution of each run and the stages, and each further step has its own modu
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -45,7 +46,7 @@ from ctkd_bench import zoo
 from ctkd_bench.api import Distiller, Needs, apply_overrides, config_dict, get_method
 from ctkd_bench.data.sources import SOURCES, examples_digest, load_examples
 from ctkd_bench.errors import UserError
-from ctkd_bench.files import RunLock, remove_stale_temps
+from ctkd_bench.files import RunLock, remove_stale_temps, write_text_atomic
 from ctkd_bench.lockstep import _execute_lockstep
 from ctkd_bench.models import make_accelerator, resolve_device
 from ctkd_bench.outcome import RunOutcome, _failed, _finished, _new_record, _record_training, _release
@@ -56,6 +57,7 @@ from ctkd_bench.records import (
     RunRecord,
     config_hash,
     is_finished,
+    read_record,
     read_run_record,
     record_name,
 )
@@ -587,8 +589,11 @@ def finetune(
     folder = root / outcome.path.stem
     if outcome.status == "skipped" and not (folder / "config.json").is_file():
         log(f"the fine-tuned model of {outcome.path.name} is not in {root} (a new cache?): fine-tuning again")
+        recorded = outcome.path.read_text(encoding="utf-8")
         request.force = True
         [outcome] = run(request, log=log)
+        if outcome.status == "finished":
+            _check_reproduced(outcome.path, recorded, log)
     if outcome.status == "running":
         raise UserError(
             f"{spec.short} is being fine-tuned by another process ({outcome.path.name}); run again when it is done"
@@ -600,6 +605,29 @@ def finetune(
     if evaluation is not None:
         _score_finetuned(spec, folder, evaluation, results_dir, device, force, progress, log)
     return outcome, folder
+
+
+def _check_reproduced(path: Path, recorded: str, log) -> None:
+    """After fine-tuning again into a new cache: is the model the recorded one? Say which, keep the record.
+
+    The loss curve of the new fine-tuning is compared with the record's, step by step (as recorded, to
+    six decimals). Equal: the first record is put back (its cost and provenance describe the first
+    fine-tuning, of the same model). Different: the new record stays, and the log says that the students
+    recorded with the earlier model are not reused (their identity names its weights' digest).
+    """
+    old = [point["loss"] for point in json.loads(recorded)["losses"]["curve"]]
+    new = [point["loss"] for point in (read_record(path) or {}).get("losses", {}).get("curve", [])]
+    if old == new:
+        write_text_atomic(path, recorded)
+        log(
+            f"reproduced {path.name}: the loss curve equals the record's at all {len(old)} steps; record kept"
+        )
+        return
+    step = next((i + 1 for i, (a, b) in enumerate(zip(old, new)) if a != b), min(len(old), len(new)) + 1)
+    log(
+        f"warning: the new fine-tuning of {path.name} differs from its record (first at step {step} of "
+        f"{len(old)}): students recorded with the earlier model name its weights' digest and are trained again"
+    )
 
 
 def _score_finetuned(spec, folder: Path, evaluation, results_dir, device, force, progress, log) -> None:

@@ -38,7 +38,10 @@ With ``teacher_sft``, each pair's teacher is first fine-tuned on the experiment'
 ``teacher`` whose record (loss curve, cost and, with ``eval``, its scores: the Teacher row of the
 report) goes to the results folder and whose model is cached by the record's identity under
 ``<cache>/finetuned/``; the pair's students then distil from it. A re-run reuses it; ``--force``
-redoes the students only, ``--force-teacher`` the teacher too. With ``eval_untrained``, each pair's
+redoes the students only, ``--force-teacher`` the teacher too. Where the record is there but the model
+is not (a new machine), the teacher is fine-tuned again and its loss curve checked against the record's;
+the students find their teacher by its weights' digest, so they are reused only if it is the same model.
+With ``eval_untrained``, each pair's
 student is scored before any training (an eval record with role ``untrained``).
 
 Launchers: ``inline`` (this process; the teacher of a pair is loaded once per seed and the runs of a

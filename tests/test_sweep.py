@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -242,6 +243,47 @@ def test_slurm_without_sbatch_says_what_to_do(tmp_path, shared_data, monkeypatch
     experiment = sweep.load_experiment(_experiment(tmp_path, shared_data))
     with pytest.raises(UserError, match="sbatch is not on PATH; submit from a SLURM login node"):
         sweep.submit(experiment, "slurm")
+
+
+def test_a_teacher_fine_tuned_again_in_a_new_cache_is_checked_against_its_record(
+    tmp_path, shared_data, monkeypatch
+):
+    from ctkd_bench import runner
+
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(runner, "finetuned_dir", lambda: cache / "finetuned")
+    settings = dict(
+        data="dolly",
+        data_dir=str(shared_data),
+        train={"steps": 2, "batch_size": 2, "max_length": 64, "seed": 3},
+        results_dir=tmp_path / "r",
+        device="cpu",
+        progress=False,
+    )
+    spec = zoo.resolve("tiny-smollm2")
+    outcome, folder = runner.finetune(spec, **settings, log=lambda line: None)
+    first = outcome.path.read_text(encoding="utf-8")
+    digest = zoo.folder_digest(folder)
+
+    shutil.rmtree(cache)  # a new machine: the record is committed, the model is not
+    lines: list[str] = []
+    _, folder = runner.finetune(spec, **settings, log=lines.append)
+    assert zoo.folder_digest(folder) == digest  # the same weights, bit for bit
+    assert outcome.path.read_text(encoding="utf-8") == first  # the first record is kept, byte for byte
+    assert any(line.startswith("reproduced ") and "all 2 steps; record kept" in line for line in lines)
+
+    edited = json.loads(first)
+    edited["losses"]["curve"][1]["loss"] += 0.5  # a record that this fine-tuning does not reproduce
+    outcome.path.write_text(json.dumps(edited), encoding="utf-8")
+    shutil.rmtree(cache)
+    lines.clear()
+    runner.finetune(spec, **settings, log=lines.append)
+    assert any("differs from its record (first at step 2 of 2)" in line for line in lines)
+
+    def losses(text: str) -> list[float]:
+        return [point["loss"] for point in json.loads(text)["losses"]["curve"]]
+
+    assert losses(outcome.path.read_text(encoding="utf-8")) == losses(first)  # the new record: the real curve
 
 
 def test_teacher_sft_stage_untrained_student_and_the_report_rows(tmp_path, shared_data, monkeypatch, capsys):
