@@ -183,7 +183,15 @@ def git_commit() -> str | None:
 
 
 def versions() -> dict[str, str | None]:
+    """The software a record was made with, and torch's CPU kernel path (``torch_cpu_capability``).
+
+    The kernel path (e.g. ``AVX2``, ``AVX512``) changes float results in their last digits, so the same
+    run on a CPU with another vector instruction set trains a slightly different model; the environment
+    variable ``ATEN_CPU_CAPABILITY`` (``avx2``, ``avx512``, ``default``) selects it before torch starts.
+    """
     from importlib.metadata import PackageNotFoundError, version
+
+    import torch
 
     found: dict[str, str | None] = {"python": platform.python_version()}
     for name in ("ctkd-bench", "torch", "transformers", "accelerate", "peft", "tokenizers"):
@@ -191,6 +199,7 @@ def versions() -> dict[str, str | None]:
             found[name] = version(name)
         except PackageNotFoundError:
             found[name] = None
+    found["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     return found
 
 

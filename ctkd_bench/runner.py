@@ -624,9 +624,13 @@ def _check_reproduced(path: Path, recorded: str, log) -> None:
         )
         return
     step = next((i + 1 for i, (a, b) in enumerate(zip(old, new)) if a != b), min(len(old), len(new)) + 1)
+    was = json.loads(recorded).get("versions", {}).get("torch_cpu_capability", "not recorded")
+    now = (read_record(path) or {}).get("versions", {}).get("torch_cpu_capability")
     log(
         f"warning: the new fine-tuning of {path.name} differs from its record (first at step {step} of "
-        f"{len(old)}): students recorded with the earlier model name its weights' digest and are trained again"
+        f"{len(old)}): students recorded with the earlier model name its weights' digest and are trained again. "
+        f"torch's CPU kernel path now: {now}, the record's: {was}; another one changes the last digits "
+        "(ATEN_CPU_CAPABILITY=avx2, avx512 or default before the command selects it)"
     )
 
 

@@ -24,6 +24,7 @@ An experiment file is YAML (``ctkd-bench run --config FILE.yaml``)::
     device: auto
     lockstep: 4                       # students on one teacher forward (default: as memory allows; 1: one at a time)
     teacher_cache: true               # the teacher-output cache: true (CACHE/teacher-outputs) or a folder
+    cpu_capability: AVX2              # on CPU, refuse to run unless torch runs these kernels (see below)
 
 Relative paths are taken from the working directory, like the command line's, and made absolute when
 the file is read, so that cluster jobs do not depend on where they start.
@@ -43,6 +44,12 @@ is not (a new machine), the teacher is fine-tuned again and its loss curve check
 the students find their teacher by its weights' digest, so they are reused only if it is the same model.
 With ``eval_untrained``, each pair's
 student is scored before any training (an eval record with role ``untrained``).
+
+With ``cpu_capability``, a run on the CPU refuses to start unless torch runs that kernel path
+(``torch.backends.cpu.get_cpu_capability()``, recorded in every record's ``versions``): on a CPU with
+another vector instruction set the same run gives other last digits, so a fine-tuned teacher made
+again on a new machine would not be the recorded one. ``ATEN_CPU_CAPABILITY=avx2`` before the command
+selects the path.
 
 Launchers: ``inline`` (this process; the teacher of a pair is loaded once per seed and the runs of a
 seed step in lockstep on one teacher forward, ``lockstep``), ``local``
@@ -79,6 +86,7 @@ KEYS = {
     "checkpoint_dir",
     "lockstep",
     "teacher_cache",
+    "cpu_capability",
 }
 LAUNCHERS = ("inline", "local", "slurm")
 
@@ -106,6 +114,7 @@ class Experiment:
     checkpoint_dir: str | None = None  # default: RESULTS/.checkpoints
     lockstep: int | None = None  # students that step together on one teacher forward (None: auto)
     teacher_cache: str | None = None  # the teacher-output cache's folder (ctkd_bench.teacher_cache)
+    cpu_capability: str | None = None  # torch's CPU kernel path that runs on the CPU must use (e.g. AVX2)
 
     def jobs(self, teachers: dict[str, str] | None = None) -> list[dict[str, Any]]:
         """Every run of the experiment as a plain, picklable dict (one cluster array task each).
@@ -259,6 +268,7 @@ def load_experiment(path: str | Path) -> Experiment:
         checkpoint_dir=_absolute(raw.get("checkpoint_dir")),
         lockstep=_lockstep(raw.get("lockstep"), source),
         teacher_cache=_teacher_cache(raw.get("teacher_cache"), source),
+        cpu_capability=_cpu_capability(raw.get("cpu_capability"), source),
     )
     if experiment.eval_untrained and experiment.eval is None:
         raise UserError(f"{_where(source, 'eval_untrained')} needs an 'eval' section (what to score it on)")
@@ -356,6 +366,36 @@ def _teacher_cache(value: Any, source: Path) -> str | None:
     if isinstance(value, str) and value.strip():
         return _absolute(value)
     raise UserError(f"{_where(source, 'teacher_cache')} must be true, false or a folder, not {value!r}")
+
+
+def _cpu_capability(value: Any, source: Path) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise UserError(
+            f"{_where(source, 'cpu_capability')} is a kernel path such as AVX2, AVX512 or DEFAULT"
+        )
+    return value.strip().upper()
+
+
+def check_cpu_capability(experiment: Experiment) -> None:
+    """Refuse to run on the CPU with other kernels than the file's ``cpu_capability`` (its records' own)."""
+    import torch
+
+    wanted = experiment.cpu_capability
+    if (
+        wanted is None
+        or experiment.device == "cuda"
+        or (experiment.device == "auto" and torch.cuda.is_available())
+    ):
+        return
+    here = torch.backends.cpu.get_cpu_capability()
+    if here.upper() != wanted:
+        raise UserError(
+            f"{_where(experiment.source, 'cpu_capability')} is {wanted}, but torch runs {here} kernels here: start "
+            f"the command with ATEN_CPU_CAPABILITY={wanted.lower()} (the records were made with {wanted} kernels; "
+            "others change every number's last digits, so a teacher fine-tuned again would not be the recorded one)"
+        )
 
 
 def _lockstep(value: Any, source: Path) -> int | None:
@@ -511,6 +551,7 @@ def run_inline(
     """
     from ctkd_bench.runner import run
 
+    check_cpu_capability(experiment)
     teachers = teacher_stage(experiment, force=force_teacher, progress=progress, log=log)
     untrained_stage(experiment, progress=progress, log=log)
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
@@ -561,6 +602,7 @@ def submit(
             "--launcher slurm: sbatch is not on PATH; submit from a SLURM login node "
             "(or try the same sweep with --launcher local)"
         )
+    check_cpu_capability(experiment)
     teachers = teacher_stage(experiment, force=force_teacher, progress=False, log=log)
     untrained_stage(experiment, progress=False, log=log)
     jobs = experiment.jobs(teachers)

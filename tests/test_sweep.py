@@ -245,6 +245,26 @@ def test_slurm_without_sbatch_says_what_to_do(tmp_path, shared_data, monkeypatch
         sweep.submit(experiment, "slurm")
 
 
+def test_an_experiment_pinned_to_other_cpu_kernels_refuses_to_start_and_names_the_fix(
+    tmp_path, shared_data, capsys
+):
+    here = torch.backends.cpu.get_cpu_capability()
+    other = "DEFAULT" if here != "DEFAULT" else "AVX2"
+    path = _experiment(tmp_path, shared_data, cpu_capability=other.lower(), device="cpu")
+    assert main(["run", "--config", str(path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"cpu_capability is {other}, but torch runs {here} kernels here" in err
+    assert f"start the command with ATEN_CPU_CAPABILITY={other.lower()}" in err
+    assert not (tmp_path / "results").exists()  # nothing ran
+
+    sweep.check_cpu_capability(sweep.load_experiment(_experiment(tmp_path, shared_data, cpu_capability=here)))
+    sweep.check_cpu_capability(  # on a GPU the CPU's kernels do not make the numbers
+        sweep.load_experiment(_experiment(tmp_path, shared_data, cpu_capability=other, device="cuda"))
+    )
+    with pytest.raises(UserError, match="cpu_capability is a kernel path such as AVX2"):
+        sweep.load_experiment(_experiment(tmp_path, shared_data, cpu_capability=2))
+
+
 def test_a_teacher_fine_tuned_again_in_a_new_cache_is_checked_against_its_record(
     tmp_path, shared_data, monkeypatch
 ):
@@ -274,11 +294,17 @@ def test_a_teacher_fine_tuned_again_in_a_new_cache_is_checked_against_its_record
 
     edited = json.loads(first)
     edited["losses"]["curve"][1]["loss"] += 0.5  # a record that this fine-tuning does not reproduce
+    del edited["versions"]["torch_cpu_capability"]  # as in the records made before it was recorded
     outcome.path.write_text(json.dumps(edited), encoding="utf-8")
     shutil.rmtree(cache)
     lines.clear()
     runner.finetune(spec, **settings, log=lines.append)
-    assert any("differs from its record (first at step 2 of 2)" in line for line in lines)
+    [warning] = [line for line in lines if "differs from its record (first at step 2 of 2)" in line]
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert f"torch's CPU kernel path now: {capability}, the record's: not recorded;" in warning
+    assert (
+        json.loads(outcome.path.read_text(encoding="utf-8"))["versions"]["torch_cpu_capability"] == capability
+    )
 
     def losses(text: str) -> list[float]:
         return [point["loss"] for point in json.loads(text)["losses"]["curve"]]
