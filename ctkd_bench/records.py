@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import subprocess
 from dataclasses import dataclass, field, fields
@@ -182,25 +183,40 @@ def git_commit() -> str | None:
     return out.stdout.strip() + ("+dirty" if dirty else "")
 
 
-def versions() -> dict[str, str | None]:
-    """The software a record was made with, and torch's CPU kernel path (``torch_cpu_capability``).
+def versions() -> dict[str, Any]:
+    """The software a record was made with, and its CPU numerics (``cpu``).
 
-    The kernel path (e.g. ``AVX2``, ``AVX512``) changes float results in their last digits, so the same
-    run on a CPU with another vector instruction set trains a slightly different model; the environment
-    variable ``ATEN_CPU_CAPABILITY`` (``avx2``, ``avx512``, ``default``) selects it before torch starts.
+    ``cpu``: the processor, torch's CPU kernel path (``AVX2``, ``AVX512``, ...), MKL's reproducibility
+    branch (``MKL_CBWR``) and torch's threads. They decide every sum's rounding, so the same run on another
+    CPU gives other last digits unless they are pinned (an experiment's ``cpu_env``).
     """
     from importlib.metadata import PackageNotFoundError, version
 
     import torch
 
-    found: dict[str, str | None] = {"python": platform.python_version()}
+    found: dict[str, Any] = {"python": platform.python_version()}
     for name in ("ctkd-bench", "torch", "transformers", "accelerate", "peft", "tokenizers"):
         try:
             found[name] = version(name)
         except PackageNotFoundError:
             found[name] = None
-    found["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    found["cpu"] = {
+        "model": _cpu_model(),
+        "torch_capability": torch.backends.cpu.get_cpu_capability(),
+        "mkl_cbwr": os.environ.get("MKL_CBWR"),
+        "threads": torch.get_num_threads(),
+    }
     return found
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def now() -> str:

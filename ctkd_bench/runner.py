@@ -624,13 +624,21 @@ def _check_reproduced(path: Path, recorded: str, log) -> None:
         )
         return
     step = next((i + 1 for i, (a, b) in enumerate(zip(old, new)) if a != b), min(len(old), len(new)) + 1)
-    was = json.loads(recorded).get("versions", {}).get("torch_cpu_capability", "not recorded")
-    now = (read_record(path) or {}).get("versions", {}).get("torch_cpu_capability")
+    was = json.loads(recorded).get("versions", {}).get("cpu")
+    now = (read_record(path) or {}).get("versions", {}).get("cpu")
     log(
         f"warning: the new fine-tuning of {path.name} differs from its record (first at step {step} of "
         f"{len(old)}): students recorded with the earlier model name its weights' digest and are trained again. "
-        f"torch's CPU kernel path now: {now}, the record's: {was}; another one changes the last digits "
-        "(ATEN_CPU_CAPABILITY=avx2, avx512 or default before the command selects it)"
+        f"CPU numerics now: {_numerics(now)}; the record's: {_numerics(was)} (an experiment's cpu_env pins them)"
+    )
+
+
+def _numerics(cpu: dict[str, Any] | None) -> str:
+    if not cpu:
+        return "not recorded"
+    return (
+        f"{cpu.get('torch_capability')} kernels, MKL_CBWR={cpu.get('mkl_cbwr')}, {cpu.get('threads')} threads, "
+        f"{cpu.get('model')}"
     )
 
 

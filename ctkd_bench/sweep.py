@@ -24,7 +24,7 @@ An experiment file is YAML (``ctkd-bench run --config FILE.yaml``)::
     device: auto
     lockstep: 4                       # students on one teacher forward (default: as memory allows; 1: one at a time)
     teacher_cache: true               # the teacher-output cache: true (CACHE/teacher-outputs) or a folder
-    cpu_capability: AVX2              # on CPU, refuse to run unless torch runs these kernels (see below)
+    cpu_env: {ATEN_CPU_CAPABILITY: avx2, MKL_CBWR: AVX2, OMP_NUM_THREADS: 2}   # CPU numerics (see below)
 
 Relative paths are taken from the working directory, like the command line's, and made absolute when
 the file is read, so that cluster jobs do not depend on where they start.
@@ -45,11 +45,12 @@ the students find their teacher by its weights' digest, so they are reused only 
 With ``eval_untrained``, each pair's
 student is scored before any training (an eval record with role ``untrained``).
 
-With ``cpu_capability``, a run on the CPU refuses to start unless torch runs that kernel path
-(``torch.backends.cpu.get_cpu_capability()``, recorded in every record's ``versions``): on a CPU with
-another vector instruction set the same run gives other last digits, so a fine-tuned teacher made
-again on a new machine would not be the recorded one. ``ATEN_CPU_CAPABILITY=avx2`` before the command
-selects the path.
+With ``cpu_env``, a run on the CPU refuses to start unless those environment variables have those
+values (they act when torch starts, so they go before the command). They pin the numerics: torch's
+CPU kernels (``ATEN_CPU_CAPABILITY``), MKL's (``MKL_CBWR``, conditional numerical reproducibility) and
+the number of threads decide every sum's rounding, so without a pin the same run gives other last digits
+on a CPU with another instruction set, and a fine-tuned teacher made again on a new machine is not the
+recorded one. Every record's ``versions.cpu`` says which numerics made it.
 
 Launchers: ``inline`` (this process; the teacher of a pair is loaded once per seed and the runs of a
 seed step in lockstep on one teacher forward, ``lockstep``), ``local``
@@ -60,6 +61,7 @@ seed step in lockstep on one teacher forward, ``lockstep``), ``local``
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,7 +88,7 @@ KEYS = {
     "checkpoint_dir",
     "lockstep",
     "teacher_cache",
-    "cpu_capability",
+    "cpu_env",
 }
 LAUNCHERS = ("inline", "local", "slurm")
 
@@ -114,7 +116,7 @@ class Experiment:
     checkpoint_dir: str | None = None  # default: RESULTS/.checkpoints
     lockstep: int | None = None  # students that step together on one teacher forward (None: auto)
     teacher_cache: str | None = None  # the teacher-output cache's folder (ctkd_bench.teacher_cache)
-    cpu_capability: str | None = None  # torch's CPU kernel path that runs on the CPU must use (e.g. AVX2)
+    cpu_env: dict[str, str] = field(default_factory=dict)  # environment a run on the CPU needs (numerics)
 
     def jobs(self, teachers: dict[str, str] | None = None) -> list[dict[str, Any]]:
         """Every run of the experiment as a plain, picklable dict (one cluster array task each).
@@ -268,7 +270,7 @@ def load_experiment(path: str | Path) -> Experiment:
         checkpoint_dir=_absolute(raw.get("checkpoint_dir")),
         lockstep=_lockstep(raw.get("lockstep"), source),
         teacher_cache=_teacher_cache(raw.get("teacher_cache"), source),
-        cpu_capability=_cpu_capability(raw.get("cpu_capability"), source),
+        cpu_env=_cpu_env(raw.get("cpu_env"), source),
     )
     if experiment.eval_untrained and experiment.eval is None:
         raise UserError(f"{_where(source, 'eval_untrained')} needs an 'eval' section (what to score it on)")
@@ -368,34 +370,38 @@ def _teacher_cache(value: Any, source: Path) -> str | None:
     raise UserError(f"{_where(source, 'teacher_cache')} must be true, false or a folder, not {value!r}")
 
 
-def _cpu_capability(value: Any, source: Path) -> str | None:
+def _cpu_env(value: Any, source: Path) -> dict[str, str]:
     if value is None:
-        return None
-    if not isinstance(value, str) or not value.strip():
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) and k for k in value):
         raise UserError(
-            f"{_where(source, 'cpu_capability')} is a kernel path such as AVX2, AVX512 or DEFAULT"
+            f"{_where(source, 'cpu_env')} is a mapping of environment variables, e.g. "
+            "{ATEN_CPU_CAPABILITY: avx2, MKL_CBWR: AVX2, OMP_NUM_THREADS: 2}"
         )
-    return value.strip().upper()
+    return {key: str(val) for key, val in value.items()}
 
 
-def check_cpu_capability(experiment: Experiment) -> None:
-    """Refuse to run on the CPU with other kernels than the file's ``cpu_capability`` (its records' own)."""
+def check_cpu_env(experiment: Experiment) -> None:
+    """Refuse to run on the CPU without the file's ``cpu_env`` (the numerics its records were made with)."""
     import torch
 
-    wanted = experiment.cpu_capability
+    wanted = experiment.cpu_env
     if (
-        wanted is None
+        not wanted
         or experiment.device == "cuda"
         or (experiment.device == "auto" and torch.cuda.is_available())
     ):
         return
-    here = torch.backends.cpu.get_cpu_capability()
-    if here.upper() != wanted:
+    where = _where(experiment.source, "cpu_env")
+    if any(os.environ.get(key) != val for key, val in wanted.items()):
+        pins = " ".join(f"{key}={val}" for key, val in wanted.items())
         raise UserError(
-            f"{_where(experiment.source, 'cpu_capability')} is {wanted}, but torch runs {here} kernels here: start "
-            f"the command with ATEN_CPU_CAPABILITY={wanted.lower()} (the records were made with {wanted} kernels; "
-            "others change every number's last digits, so a teacher fine-tuned again would not be the recorded one)"
+            f"{where} pins the numerics of its records: start the command with {pins} "
+            f"(e.g. {pins} ctkd-bench run --config {experiment.source})"
         )
+    kernels, here = wanted.get("ATEN_CPU_CAPABILITY"), torch.backends.cpu.get_cpu_capability()
+    if kernels is not None and kernels.upper() != here.upper():
+        raise UserError(f"{where}: this CPU cannot run torch's {kernels.upper()} kernels (it runs {here})")
 
 
 def _lockstep(value: Any, source: Path) -> int | None:
@@ -551,7 +557,7 @@ def run_inline(
     """
     from ctkd_bench.runner import run
 
-    check_cpu_capability(experiment)
+    check_cpu_env(experiment)
     teachers = teacher_stage(experiment, force=force_teacher, progress=progress, log=log)
     untrained_stage(experiment, progress=progress, log=log)
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
@@ -602,7 +608,7 @@ def submit(
             "--launcher slurm: sbatch is not on PATH; submit from a SLURM login node "
             "(or try the same sweep with --launcher local)"
         )
-    check_cpu_capability(experiment)
+    check_cpu_env(experiment)
     teachers = teacher_stage(experiment, force=force_teacher, progress=False, log=log)
     untrained_stage(experiment, progress=False, log=log)
     jobs = experiment.jobs(teachers)

@@ -245,24 +245,40 @@ def test_slurm_without_sbatch_says_what_to_do(tmp_path, shared_data, monkeypatch
         sweep.submit(experiment, "slurm")
 
 
-def test_an_experiment_pinned_to_other_cpu_kernels_refuses_to_start_and_names_the_fix(
-    tmp_path, shared_data, capsys
+def test_an_experiment_with_cpu_env_refuses_to_start_without_it_and_names_the_fix(
+    tmp_path, shared_data, capsys, monkeypatch
 ):
-    here = torch.backends.cpu.get_cpu_capability()
-    other = "DEFAULT" if here != "DEFAULT" else "AVX2"
-    path = _experiment(tmp_path, shared_data, cpu_capability=other.lower(), device="cpu")
+    pins = {"CTKD_TEST_PIN": "on", "OMP_NUM_THREADS": 2}
+    path = _experiment(tmp_path, shared_data, cpu_env=pins, device="cpu")
+    monkeypatch.delenv("CTKD_TEST_PIN", raising=False)
     assert main(["run", "--config", str(path), "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert f"cpu_capability is {other}, but torch runs {here} kernels here" in err
-    assert f"start the command with ATEN_CPU_CAPABILITY={other.lower()}" in err
+    assert (
+        "cpu_env pins the numerics of its records: start the command with CTKD_TEST_PIN=on OMP_NUM_THREADS=2"
+        in err
+    )
+    assert f"(e.g. CTKD_TEST_PIN=on OMP_NUM_THREADS=2 ctkd-bench run --config {path.resolve()})" in err
     assert not (tmp_path / "results").exists()  # nothing ran
 
-    sweep.check_cpu_capability(sweep.load_experiment(_experiment(tmp_path, shared_data, cpu_capability=here)))
-    sweep.check_cpu_capability(  # on a GPU the CPU's kernels do not make the numbers
-        sweep.load_experiment(_experiment(tmp_path, shared_data, cpu_capability=other, device="cuda"))
+    monkeypatch.setenv("CTKD_TEST_PIN", "on")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    sweep.check_cpu_env(sweep.load_experiment(path))  # pinned: it may run
+    here = torch.backends.cpu.get_cpu_capability()
+    other = "default" if here != "DEFAULT" else "avx2"
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", other)  # set, but too late for this process's torch
+    with pytest.raises(
+        UserError, match=f"this CPU cannot run torch's {other.upper()} kernels \\(it runs {here}\\)"
+    ):
+        sweep.check_cpu_env(
+            sweep.load_experiment(_experiment(tmp_path, shared_data, cpu_env={"ATEN_CPU_CAPABILITY": other}))
+        )
+    sweep.check_cpu_env(  # on a GPU the CPU's numerics do not make the numbers
+        sweep.load_experiment(
+            _experiment(tmp_path, shared_data, cpu_env={"ATEN_CPU_CAPABILITY": other}, device="cuda")
+        )
     )
-    with pytest.raises(UserError, match="cpu_capability is a kernel path such as AVX2"):
-        sweep.load_experiment(_experiment(tmp_path, shared_data, cpu_capability=2))
+    with pytest.raises(UserError, match="cpu_env is a mapping of environment variables"):
+        sweep.load_experiment(_experiment(tmp_path, shared_data, cpu_env=["avx2"]))
 
 
 def test_a_teacher_fine_tuned_again_in_a_new_cache_is_checked_against_its_record(
@@ -294,22 +310,21 @@ def test_a_teacher_fine_tuned_again_in_a_new_cache_is_checked_against_its_record
 
     edited = json.loads(first)
     edited["losses"]["curve"][1]["loss"] += 0.5  # a record that this fine-tuning does not reproduce
-    del edited["versions"]["torch_cpu_capability"]  # as in the records made before it was recorded
+    del edited["versions"]["cpu"]  # as in the records made before it was recorded
     outcome.path.write_text(json.dumps(edited), encoding="utf-8")
     shutil.rmtree(cache)
     lines.clear()
     runner.finetune(spec, **settings, log=lines.append)
     [warning] = [line for line in lines if "differs from its record (first at step 2 of 2)" in line]
-    capability = torch.backends.cpu.get_cpu_capability()
-    assert f"torch's CPU kernel path now: {capability}, the record's: not recorded;" in warning
+    cpu = json.loads(outcome.path.read_text(encoding="utf-8"))["versions"]["cpu"]
     assert (
-        json.loads(outcome.path.read_text(encoding="utf-8"))["versions"]["torch_cpu_capability"] == capability
+        cpu["torch_capability"] == torch.backends.cpu.get_cpu_capability()
+        and cpu["threads"] == torch.get_num_threads()
     )
-
-    def losses(text: str) -> list[float]:
-        return [point["loss"] for point in json.loads(text)["losses"]["curve"]]
-
-    assert losses(outcome.path.read_text(encoding="utf-8")) == losses(first)  # the new record: the real curve
+    assert (
+        f"CPU numerics now: {cpu['torch_capability']} kernels, MKL_CBWR={cpu['mkl_cbwr']}, {cpu['threads']} threads, "
+        f"{cpu['model']}; the record's: not recorded" in warning
+    )
 
 
 def test_teacher_sft_stage_untrained_student_and_the_report_rows(tmp_path, shared_data, monkeypatch, capsys):
