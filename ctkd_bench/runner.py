@@ -615,8 +615,9 @@ def _check_reproduced(path: Path, recorded: str, log) -> None:
     fine-tuning, of the same model). Different: the new record stays, and the log says that the students
     recorded with the earlier model are not reused (their identity names its weights' digest).
     """
-    old = [point["loss"] for point in json.loads(recorded)["losses"]["curve"]]
-    new = [point["loss"] for point in (read_record(path) or {}).get("losses", {}).get("curve", [])]
+    first, again = json.loads(recorded), read_record(path) or {}
+    old = [point["loss"] for point in first["losses"]["curve"]]
+    new = [point["loss"] for point in again.get("losses", {}).get("curve", [])]
     if old == new:
         write_text_atomic(path, recorded)
         log(
@@ -624,8 +625,7 @@ def _check_reproduced(path: Path, recorded: str, log) -> None:
         )
         return
     step = next((i + 1 for i, (a, b) in enumerate(zip(old, new)) if a != b), min(len(old), len(new)) + 1)
-    was = json.loads(recorded).get("versions", {}).get("cpu")
-    now = (read_record(path) or {}).get("versions", {}).get("cpu")
+    was, now = first.get("versions", {}).get("cpu"), again.get("versions", {}).get("cpu")
     log(
         f"warning: the new fine-tuning of {path.name} differs from its record (first at step {step} of "
         f"{len(old)}): students recorded with the earlier model name its weights' digest and are trained again. "

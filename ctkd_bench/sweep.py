@@ -42,8 +42,8 @@ report) goes to the results folder and whose model is cached by the record's ide
 redoes the students only, ``--force-teacher`` the teacher too. Where the record is there but the model
 is not (a new machine), the teacher is fine-tuned again and its loss curve checked against the record's;
 the students find their teacher by its weights' digest, so they are reused only if it is the same model.
-With ``eval_untrained``, each pair's
-student is scored before any training (an eval record with role ``untrained``).
+With ``eval_untrained``, each pair's student is scored before any training (an eval record with role
+``untrained``).
 
 With ``cpu_env``, a run on the CPU refuses to start unless those environment variables have those
 values (they act when torch starts, so they go before the command). They pin the numerics: torch's
@@ -385,12 +385,10 @@ def check_cpu_env(experiment: Experiment) -> None:
     """Refuse to run on the CPU without the file's ``cpu_env`` (the numerics its records were made with)."""
     import torch
 
+    from ctkd_bench.models import resolve_device
+
     wanted = experiment.cpu_env
-    if (
-        not wanted
-        or experiment.device == "cuda"
-        or (experiment.device == "auto" and torch.cuda.is_available())
-    ):
+    if not wanted or experiment.device == "cuda" or resolve_device(experiment.device) != "cpu":
         return
     where = _where(experiment.source, "cpu_env")
     if any(os.environ.get(key) != val for key, val in wanted.items()):
